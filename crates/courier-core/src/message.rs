@@ -1,0 +1,283 @@
+//! Messages as sent ([`Message`]), as handed to a driver ([`Record`]) and the send
+//! result ([`Receipt`]) — SPEC C1.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// Milliseconds since the Unix epoch, the timestamp unit of every Courier type.
+pub fn now_millis() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Message headers: ordered `name → bytes` pairs. [`Headers::insert`] replaces an
+/// existing name; the order of first insertion is kept so round trips are exact.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Headers(Vec<(String, Bytes)>);
+
+impl Headers {
+    /// No headers.
+    pub fn new() -> Self {
+        Self(Vec::new())
+    }
+
+    /// Sets `name` to `value`, replacing any earlier value of that name.
+    pub fn insert(&mut self, name: impl Into<String>, value: impl Into<Bytes>) {
+        let name = name.into();
+        let value = value.into();
+        match self.0.iter_mut().find(|(n, _)| *n == name) {
+            Some(slot) => slot.1 = value,
+            None => self.0.push((name, value)),
+        }
+    }
+
+    /// The value of `name`, if present.
+    pub fn get(&self, name: &str) -> Option<&Bytes> {
+        self.0.iter().find(|(n, _)| n == name).map(|(_, v)| v)
+    }
+
+    /// The value of `name` if present and valid UTF-8.
+    pub fn get_str(&self, name: &str) -> Option<&str> {
+        self.get(name).and_then(|v| std::str::from_utf8(v).ok())
+    }
+
+    /// The value of `name` compared case-insensitively (HTTP-style names such as
+    /// `X-Trace-ID` arrive in any case from other clients).
+    pub fn get_ignore_case(&self, name: &str) -> Option<&Bytes> {
+        self.0
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v)
+    }
+
+    /// Removes `name` and returns its value.
+    pub fn remove(&mut self, name: &str) -> Option<Bytes> {
+        let pos = self.0.iter().position(|(n, _)| n == name)?;
+        Some(self.0.remove(pos).1)
+    }
+
+    /// True when `name` is present.
+    pub fn contains(&self, name: &str) -> bool {
+        self.get(name).is_some()
+    }
+
+    /// Iterates in order.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &Bytes)> {
+        self.0.iter().map(|(n, v)| (n.as_str(), v))
+    }
+
+    /// Number of headers.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// True when there are no headers.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Bytes the headers take on the wire (names + values).
+    pub fn encoded_len(&self) -> usize {
+        self.0.iter().map(|(n, v)| n.len() + v.len()).sum()
+    }
+}
+
+impl<N: Into<String>, V: Into<Bytes>> FromIterator<(N, V)> for Headers {
+    fn from_iter<I: IntoIterator<Item = (N, V)>>(iter: I) -> Self {
+        let mut h = Headers::new();
+        for (n, v) in iter {
+            h.insert(n, v);
+        }
+        h
+    }
+}
+
+impl IntoIterator for Headers {
+    type Item = (String, Bytes);
+    type IntoIter = std::vec::IntoIter<(String, Bytes)>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.into_iter()
+    }
+}
+
+/// A message to send. Bytes in, bytes out: serialization is the caller's, with
+/// [`Message::json`] as a convenience.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Message {
+    /// Destination topic; must not be empty.
+    pub topic: String,
+    /// Partitioning key: the same key always lands in the same partition.
+    pub key: Option<Bytes>,
+    /// Payload.
+    pub value: Bytes,
+    /// Headers, delivered unchanged.
+    pub headers: Headers,
+    /// Unique id; a ULID is assigned on send when absent.
+    pub id: Option<String>,
+    /// Milliseconds since the epoch; set on send when absent.
+    pub timestamp: Option<i64>,
+    /// Explicit partition, overriding the key hash.
+    pub partition: Option<u32>,
+    /// Not visible to consumers before this time (ms since the epoch).
+    pub deliver_at: Option<i64>,
+}
+
+impl Message {
+    /// A message for `topic` carrying `value`.
+    pub fn new(topic: impl Into<String>, value: impl Into<Bytes>) -> Self {
+        Self {
+            topic: topic.into(),
+            key: None,
+            value: value.into(),
+            headers: Headers::new(),
+            id: None,
+            timestamp: None,
+            partition: None,
+            deliver_at: None,
+        }
+    }
+
+    /// A message whose value is `value` serialized as JSON.
+    pub fn json<T: Serialize + ?Sized>(topic: impl Into<String>, value: &T) -> Result<Self> {
+        let bytes = serde_json::to_vec(value).map_err(|e| Error::Serialization(e.to_string()))?;
+        Ok(Self::new(topic, bytes))
+    }
+
+    /// Sets the partitioning key.
+    pub fn key(mut self, key: impl Into<Bytes>) -> Self {
+        self.key = Some(key.into());
+        self
+    }
+
+    /// Adds (or replaces) a header.
+    pub fn header(mut self, name: impl Into<String>, value: impl Into<Bytes>) -> Self {
+        self.headers.insert(name, value);
+        self
+    }
+
+    /// Sets the message id (otherwise a ULID is generated on send).
+    pub fn id(mut self, id: impl Into<String>) -> Self {
+        self.id = Some(id.into());
+        self
+    }
+
+    /// Sets the timestamp in ms since the epoch.
+    pub fn timestamp(mut self, ts_ms: i64) -> Self {
+        self.timestamp = Some(ts_ms);
+        self
+    }
+
+    /// Sends to this partition instead of hashing the key.
+    pub fn partition(mut self, partition: u32) -> Self {
+        self.partition = Some(partition);
+        self
+    }
+
+    /// Delivers no earlier than `at_ms` (ms since the epoch).
+    pub fn deliver_at(mut self, at_ms: i64) -> Self {
+        self.deliver_at = Some(at_ms);
+        self
+    }
+
+    /// Delivers no earlier than `delay` from now.
+    pub fn delay(self, delay: Duration) -> Self {
+        let at = now_millis().saturating_add(delay.as_millis() as i64);
+        self.deliver_at(at)
+    }
+
+    /// Size that counts against `max_message_size`: key + value + headers.
+    pub fn encoded_len(&self) -> usize {
+        self.key.as_ref().map_or(0, |k| k.len()) + self.value.len() + self.headers.encoded_len()
+    }
+}
+
+/// A message after the producer pipeline, as a driver receives it: id and timestamp
+/// are always set; `partition` is set when the caller chose one.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Record {
+    /// Destination topic.
+    pub topic: String,
+    /// Explicit partition, or `None` to let the driver hash the key.
+    pub partition: Option<u32>,
+    /// Unique id (ULID unless the caller set one).
+    pub id: String,
+    /// Partitioning key.
+    pub key: Option<Bytes>,
+    /// Payload.
+    pub value: Bytes,
+    /// Headers.
+    pub headers: Headers,
+    /// Milliseconds since the epoch.
+    pub timestamp: i64,
+}
+
+impl Record {
+    /// Builds a record from a message, assigning an id and timestamp when absent.
+    pub fn from_message(msg: Message) -> Self {
+        Self {
+            id: msg.id.unwrap_or_else(|| ulid::Ulid::new().to_string()),
+            timestamp: msg.timestamp.unwrap_or_else(now_millis),
+            topic: msg.topic,
+            partition: msg.partition,
+            key: msg.key,
+            value: msg.value,
+            headers: msg.headers,
+        }
+    }
+}
+
+/// Proof that a message was stored: where it went and under which id.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Receipt {
+    /// Topic it was stored in.
+    pub topic: String,
+    /// Partition it was stored in.
+    pub partition: u32,
+    /// Position within the partition (dense on log backends; monotonic on others —
+    /// see each backend's page).
+    pub offset: u64,
+    /// The message id.
+    pub id: String,
+    /// Timestamp, ms since the epoch.
+    pub timestamp: i64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn headers_insert_replaces_and_keeps_order() {
+        let mut h = Headers::new();
+        h.insert("a", "1");
+        h.insert("b", "2");
+        h.insert("a", "3");
+        let v: Vec<_> = h.iter().map(|(n, v)| (n.to_string(), v.clone())).collect();
+        assert_eq!(
+            v,
+            vec![
+                ("a".to_string(), Bytes::from("3")),
+                ("b".to_string(), Bytes::from("2"))
+            ]
+        );
+        assert_eq!(h.get_ignore_case("A").map(|b| b.as_ref()), Some(&b"3"[..]));
+        assert_eq!(h.remove("a"), Some(Bytes::from("3")));
+        assert_eq!(h.len(), 1);
+    }
+
+    #[test]
+    fn record_assigns_ulid_and_timestamp() {
+        let r = Record::from_message(Message::new("t", "v"));
+        assert_eq!(r.id.len(), 26);
+        assert!(r.timestamp > 0);
+        let r = Record::from_message(Message::new("t", "v").id("x").timestamp(7));
+        assert_eq!((r.id.as_str(), r.timestamp), ("x", 7));
+    }
+}
