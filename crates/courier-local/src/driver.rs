@@ -11,13 +11,12 @@ use courier_core::{
 };
 use futures::future::try_join_all;
 
-use crate::group::{Group, Groups};
+use crate::group::Group;
 use crate::store::{LogStore, PartitionLog, Topic};
 use crate::subscription::LocalSubscription;
 
 pub(crate) struct Shared<S> {
     pub(crate) store: Arc<S>,
-    groups: Groups,
     default_partitions: u32,
     sticky: AtomicU32,
 }
@@ -61,7 +60,6 @@ impl<S: LogStore> LogDriver<S> {
         Self {
             shared: Arc::new(Shared {
                 store,
-                groups: Groups::default(),
                 default_partitions: default_partitions.max(1),
                 sticky: AtomicU32::new(0),
             }),
@@ -165,7 +163,7 @@ impl<S: LogStore> Driver for LogDriver<S> {
         for t in &spec.topics {
             self.shared.topic_or_create(t).await?;
         }
-        let group = self.shared.groups.get_or_create(&spec.group);
+        let group = self.shared.store.coordinator().get_or_create(&spec.group);
         let (member, assignment) = group.join(spec.topics.clone());
         self.shared.rebalance(&group);
         Ok(Box::new(LocalSubscription::new(
@@ -205,7 +203,7 @@ impl<S: LogStore> Driver for LogDriver<S> {
 
     async fn delete_topic(&self, name: &str) -> Result<()> {
         self.shared.store.delete_topic(name).await?;
-        for g in self.shared.groups.all() {
+        for g in self.shared.store.coordinator().all() {
             self.shared.rebalance(&g);
         }
         Ok(())
@@ -286,7 +284,7 @@ impl<S: LogStore> Driver for LogDriver<S> {
             )));
         }
         self.shared.store.add_partitions(name, total).await?;
-        for g in self.shared.groups.all() {
+        for g in self.shared.store.coordinator().all() {
             self.shared.rebalance(&g);
         }
         Ok(())
@@ -294,7 +292,7 @@ impl<S: LogStore> Driver for LogDriver<S> {
 
     async fn list_groups(&self) -> Result<Vec<String>> {
         let mut groups = self.shared.store.groups().await?;
-        for g in self.shared.groups.all() {
+        for g in self.shared.store.coordinator().all() {
             if !g.is_empty() && !groups.contains(&g.name) {
                 groups.push(g.name.clone());
             }
@@ -306,7 +304,8 @@ impl<S: LogStore> Driver for LogDriver<S> {
     async fn describe_group(&self, group: &str) -> Result<GroupInfo> {
         let members = self
             .shared
-            .groups
+            .store
+            .coordinator()
             .get(group)
             .map(|g| g.members())
             .unwrap_or_default();
@@ -348,7 +347,13 @@ impl<S: LogStore> Driver for LogDriver<S> {
     }
 
     async fn reset_offsets(&self, group: &str, topic: &str, to: ResetTo) -> Result<()> {
-        if self.shared.groups.get(group).is_some_and(|g| !g.is_empty()) {
+        if self
+            .shared
+            .store
+            .coordinator()
+            .get(group)
+            .is_some_and(|g| !g.is_empty())
+        {
             return Err(Error::InvalidArgument(format!(
                 "group {group:?} has live members; stop them before resetting offsets"
             )));

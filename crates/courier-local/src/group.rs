@@ -144,15 +144,16 @@ impl Group {
     }
 }
 
-/// All groups of one driver.
+/// In-process group coordination state. It lives with the store, so every driver
+/// (every client) over the same store shares one view of each group.
 #[derive(Default)]
-pub struct Groups {
+pub struct Coordinator {
     groups: Mutex<HashMap<String, Arc<Group>>>,
 }
 
-impl Groups {
+impl Coordinator {
     /// The live state of `name`, created on first use.
-    pub fn get_or_create(&self, name: &str) -> Arc<Group> {
+    pub(crate) fn get_or_create(&self, name: &str) -> Arc<Group> {
         self.groups
             .lock()
             .entry(name.to_string())
@@ -161,12 +162,12 @@ impl Groups {
     }
 
     /// The live state of `name`, if any member ever joined.
-    pub fn get(&self, name: &str) -> Option<Arc<Group>> {
+    pub(crate) fn get(&self, name: &str) -> Option<Arc<Group>> {
         self.groups.lock().get(name).cloned()
     }
 
     /// Every group with live state.
-    pub fn all(&self) -> Vec<Arc<Group>> {
+    pub(crate) fn all(&self) -> Vec<Arc<Group>> {
         self.groups.lock().values().cloned().collect()
     }
 }

@@ -13,6 +13,7 @@ mod store;
 mod subscription;
 
 pub use driver::LogDriver;
+pub use group::Coordinator;
 pub use memory::{MemoryPartition, MemoryStore};
 pub use store::{LogStore, PartitionLog, StoredRecord, Topic};
 

@@ -9,6 +9,7 @@ use courier_core::{Error, Record, Result, TopicPartition, TopicSpec};
 use parking_lot::{Mutex, RwLock};
 use tokio::sync::watch;
 
+use crate::group::Coordinator;
 use crate::store::{LogStore, PartitionLog, StoredRecord, Topic};
 
 /// One in-memory partition.
@@ -77,6 +78,7 @@ impl PartitionLog for MemoryPartition {
 pub struct MemoryStore {
     topics: RwLock<BTreeMap<String, Arc<Topic<MemoryPartition>>>>,
     offsets: Mutex<BTreeMap<String, HashMap<TopicPartition, u64>>>,
+    coordinator: Coordinator,
 }
 
 impl MemoryStore {
@@ -189,6 +191,10 @@ impl LogStore for MemoryStore {
 
     async fn groups(&self) -> Result<Vec<String>> {
         Ok(self.offsets.lock().keys().cloned().collect())
+    }
+
+    fn coordinator(&self) -> &Coordinator {
+        &self.coordinator
     }
 
     async fn close(&self) -> Result<()> {

@@ -79,6 +79,8 @@ pub trait LogStore: Send + Sync + 'static {
     async fn committed(&self, group: &str, tp: &TopicPartition) -> Result<Option<u64>>;
     /// Groups that have committed anything, sorted.
     async fn groups(&self) -> Result<Vec<String>>;
+    /// Group coordination shared by every driver over this store.
+    fn coordinator(&self) -> &crate::Coordinator;
     /// Flushes and releases the store.
     async fn close(&self) -> Result<()>;
 }

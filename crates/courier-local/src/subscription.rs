@@ -111,6 +111,8 @@ pub(crate) struct LocalSubscription<S: LogStore> {
     pending: Vec<TopicPartition>,
     last_commit: Instant,
     rotate: usize,
+    /// Assignment last reported to the caller (an empty batch reports a change).
+    reported: Vec<TopicPartition>,
     closed: Arc<AtomicBool>,
 }
 
@@ -137,6 +139,7 @@ impl<S: LogStore> LocalSubscription<S> {
             pending: Vec::new(),
             last_commit: Instant::now(),
             rotate: 0,
+            reported: Vec::new(),
             closed: Arc::new(AtomicBool::new(false)),
         }
     }
@@ -371,7 +374,9 @@ impl<S: LogStore> Subscription for LocalSubscription<S> {
                 self.commit(None).await?;
             }
             let (batch, wake_at) = self.fetch(max).await?;
-            if !batch.is_empty() {
+            let owned = self.assignment();
+            if !batch.is_empty() || owned != self.reported {
+                self.reported = owned;
                 return Ok(Some(batch));
             }
             // Nothing to read: sleep until new data, an assignment change, a release

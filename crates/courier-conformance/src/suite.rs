@@ -1,0 +1,664 @@
+//! The behaviour tests. Each takes a [`Harness`] and panics on a violation.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use courier::{
+    Client, ConsumerHandle, Delivery, Error, FailurePolicy, Headers, Message, OffsetReset,
+    TopicSpec,
+};
+use futures::future::BoxFuture;
+use tokio::sync::mpsc;
+
+use crate::harness::{unique, Harness};
+
+/// Runs one test unless the harness declares it unsupported (then prints why).
+pub async fn run<F>(name: &str, h: &dyn Harness, test: F)
+where
+    F: for<'a> Fn(&'a dyn Harness) -> BoxFuture<'a, ()>,
+{
+    if let Some(reason) = h.unsupported(name) {
+        eprintln!("UNSUPPORTED on {}: {name}: {reason}", h.name());
+        return;
+    }
+    test(h).await;
+}
+
+/// A delivery as the tests record it (the handler must give the original back).
+#[derive(Clone, Debug)]
+pub struct Got {
+    pub topic: String,
+    pub partition: u32,
+    pub offset: u64,
+    pub key: Option<Bytes>,
+    pub value: Bytes,
+    pub headers: Headers,
+    pub id: String,
+    pub timestamp: i64,
+    pub attempt: u32,
+    pub member: usize,
+}
+
+impl Got {
+    fn from(d: &Delivery, member: usize) -> Self {
+        Got {
+            topic: d.topic.to_string(),
+            partition: d.partition,
+            offset: d.offset,
+            key: d.key.clone(),
+            value: d.value.clone(),
+            headers: d.headers.clone(),
+            id: d.id.clone(),
+            timestamp: d.timestamp,
+            attempt: d.attempt,
+            member,
+        }
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.value).into_owned()
+    }
+}
+
+/// Starts a consumer in `group` that forwards every handled delivery.
+async fn collect(
+    client: &Client,
+    group: &str,
+    topics: &[&str],
+    reset: OffsetReset,
+    member: usize,
+    tx: mpsc::UnboundedSender<Got>,
+) -> ConsumerHandle {
+    let topics: Vec<String> = topics.iter().map(|t| t.to_string()).collect();
+    client
+        .consumer(group)
+        .auto_offset_reset(reset)
+        .start(topics, move |d: Delivery| {
+            let tx = tx.clone();
+            async move {
+                let _ = tx.send(Got::from(&d, member));
+                Ok::<(), Error>(())
+            }
+        })
+        .await
+        .expect("subscribe")
+}
+
+/// Receives exactly `n` deliveries within the harness's patience.
+async fn recv_n(h: &dyn Harness, rx: &mut mpsc::UnboundedReceiver<Got>, n: usize) -> Vec<Got> {
+    let mut out = Vec::with_capacity(n);
+    let deadline = tokio::time::Instant::now() + h.patience();
+    while out.len() < n {
+        match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Ok(Some(g)) => out.push(g),
+            Ok(None) => break,
+            Err(_) => break,
+        }
+    }
+    assert_eq!(
+        out.len(),
+        n,
+        "{}: expected {n} deliveries, got {}",
+        h.name(),
+        out.len()
+    );
+    out
+}
+
+/// Asserts nothing more arrives within `quiet`.
+async fn expect_silence(rx: &mut mpsc::UnboundedReceiver<Got>, quiet: Duration) {
+    if let Ok(Some(g)) = tokio::time::timeout(quiet, rx.recv()).await {
+        panic!("unexpected delivery: {:?} {:?}", g.text(), g);
+    }
+}
+
+async fn topic(client: &Client, prefix: &str, partitions: u32) -> String {
+    let name = unique(prefix);
+    client
+        .admin()
+        .create_topic(TopicSpec::new(&name, partitions))
+        .await
+        .expect("create topic");
+    name
+}
+
+async fn ready(h: &dyn Harness, c: &ConsumerHandle, partitions: usize) {
+    c.wait_assigned(partitions, h.patience())
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "{}: consumer never got {partitions} partitions: {e}",
+                h.name()
+            )
+        });
+}
+
+async fn shutdown(client: Client) {
+    client
+        .shutdown(Duration::from_secs(30))
+        .await
+        .expect("shutdown");
+}
+
+fn boxed<'a>(f: impl Future<Output = ()> + Send + 'a) -> BoxFuture<'a, ()> {
+    Box::pin(f)
+}
+
+/// Key, value bytes (binary and empty), headers, id and timestamp arrive exactly as
+/// sent.
+pub fn round_trip_keeps_bytes_and_headers(h: &dyn Harness) -> BoxFuture<'_, ()> {
+    boxed(async move {
+        let client = h.client().await.expect("connect");
+        let t = topic(&client, "rt", 1).await;
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let c = collect(&client, &unique("g"), &[&t], OffsetReset::Earliest, 0, tx).await;
+        let binary: Vec<u8> = (0..=255u8).collect();
+        let sent = vec![
+            Message::new(&t, binary.clone())
+                .key(vec![0u8, 159, 146, 150])
+                .header("x-bin", vec![0u8, 255, 1])
+                .header("X-Trace-ID", "abc")
+                .id("custom-id-1")
+                .timestamp(1_700_000_000_123),
+            Message::new(&t, Bytes::new()),
+            Message::new(&t, "text ✓").key("k"),
+        ];
+        let producer = client.producer();
+        for m in &sent {
+            producer.send(m.clone()).await.expect("send");
+        }
+        let got = recv_n(h, &mut rx, 3).await;
+        assert_eq!(got[0].value.as_ref(), &binary[..]);
+        assert_eq!(got[0].key.as_deref(), Some(&[0u8, 159, 146, 150][..]));
+        assert_eq!(
+            got[0].headers.get("x-bin").map(|b| b.as_ref()),
+            Some(&[0u8, 255, 1][..])
+        );
+        assert_eq!(got[0].headers.get_str("X-Trace-ID"), Some("abc"));
+        assert_eq!(got[0].id, "custom-id-1");
+        assert_eq!(got[0].timestamp, 1_700_000_000_123);
+        assert!(got[1].value.is_empty());
+        assert_eq!(got[1].key, None);
+        assert_eq!(got[1].id.len(), 26, "a ULID is assigned on send");
+        assert_eq!(got[2].text(), "text ✓");
+        assert_eq!(got[0].attempt, 1);
+        c.stop().await.expect("stop");
+        shutdown(client).await;
+    })
+}
+
+/// Receipts name topic, partition, offset and id; a batch comes back in order.
+pub fn receipts_and_batch_send(h: &dyn Harness) -> BoxFuture<'_, ()> {
+    boxed(async move {
+        let client = h.client().await.expect("connect");
+        let t = topic(&client, "batch", 2).await;
+        let producer = client.producer();
+        let msgs: Vec<Message> = (0..100)
+            .map(|i| Message::new(&t, format!("m{i}")).key(format!("k{}", i % 7)))
+            .collect();
+        let receipts = producer.send_batch(msgs).await.expect("batch");
+        assert_eq!(receipts.len(), 100);
+        let mut last: HashMap<u32, u64> = HashMap::new();
+        for r in &receipts {
+            assert_eq!(r.topic, t);
+            assert!(r.partition < 2);
+            if let Some(prev) = last.insert(r.partition, r.offset) {
+                assert!(r.offset > prev, "offsets grow within a partition");
+            }
+        }
+        let ids: HashSet<&str> = receipts.iter().map(|r| r.id.as_str()).collect();
+        assert_eq!(ids.len(), 100, "ids are unique");
+        // The same key lands in the same partition.
+        let one = producer
+            .send(Message::new(&t, "x").key("k3"))
+            .await
+            .expect("send");
+        assert_eq!(one.partition, receipts[3].partition);
+        producer.flush().await.expect("flush");
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let c = collect(&client, &unique("g"), &[&t], OffsetReset::Earliest, 0, tx).await;
+        let got = recv_n(h, &mut rx, 101).await;
+        let got_ids: HashSet<String> = got.iter().map(|g| g.id.clone()).collect();
+        assert!(receipts.iter().all(|r| got_ids.contains(&r.id)));
+        c.stop().await.expect("stop");
+        shutdown(client).await;
+    })
+}
+
+/// Messages with one key are handled in send order.
+pub fn per_key_order_within_group(h: &dyn Harness) -> BoxFuture<'_, ()> {
+    boxed(async move {
+        let client = h.client().await.expect("connect");
+        let t = topic(&client, "order", 4).await;
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let c = collect(&client, &unique("g"), &[&t], OffsetReset::Earliest, 0, tx).await;
+        let producer = client.producer();
+        let keys = 8;
+        let per_key = 250;
+        let mut handles = Vec::new();
+        for i in 0..per_key {
+            for k in 0..keys {
+                handles.push(
+                    producer.send(Message::new(&t, format!("{k}:{i}")).key(format!("key-{k}"))),
+                );
+            }
+        }
+        for hd in handles {
+            hd.await.expect("send");
+        }
+        let got = recv_n(h, &mut rx, keys * per_key).await;
+        let mut next: HashMap<String, usize> = HashMap::new();
+        for g in got {
+            let text = g.text();
+            let (k, i) = text.split_once(':').expect("k:i");
+            let i: usize = i.parse().expect("i");
+            let n = next.entry(k.to_string()).or_default();
+            assert_eq!(i, *n, "key {k}: expected #{n}, got #{i}");
+            *n += 1;
+        }
+        c.stop().await.expect("stop");
+        shutdown(client).await;
+    })
+}
+
+/// Two members of one group split the partitions; each message is handled once.
+pub fn group_members_split_partitions(h: &dyn Harness) -> BoxFuture<'_, ()> {
+    boxed(async move {
+        let client = h.client().await.expect("connect");
+        let t = topic(&client, "split", 4).await;
+        let group = unique("g");
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let a = collect(&client, &group, &[&t], OffsetReset::Earliest, 0, tx.clone()).await;
+        let other = h.client().await.expect("connect second member");
+        let b = collect(&other, &group, &[&t], OffsetReset::Earliest, 1, tx).await;
+        ready(h, &a, 2).await;
+        ready(h, &b, 2).await;
+        let producer = client.producer();
+        let n = 400;
+        let msgs = (0..n)
+            .map(|i| Message::new(&t, format!("{i}")).key(format!("user-{i}")))
+            .collect();
+        producer.send_batch(msgs).await.expect("batch");
+        let got = recv_n(h, &mut rx, n).await;
+        expect_silence(&mut rx, Duration::from_millis(500)).await;
+        let distinct: HashSet<String> = got.iter().map(|g| g.text()).collect();
+        assert_eq!(distinct.len(), n, "each message handled exactly once");
+        let mut by_member: BTreeMap<usize, HashSet<u32>> = BTreeMap::new();
+        for g in &got {
+            by_member.entry(g.member).or_default().insert(g.partition);
+        }
+        assert_eq!(by_member.len(), 2, "both members handled messages");
+        let (pa, pb) = (&by_member[&0], &by_member[&1]);
+        assert!(
+            pa.is_disjoint(pb),
+            "a partition belongs to one member: {pa:?} {pb:?}"
+        );
+        a.stop().await.expect("stop a");
+        b.stop().await.expect("stop b");
+        shutdown(other).await;
+        shutdown(client).await;
+    })
+}
+
+/// Two groups each receive every message (pub/sub).
+pub fn groups_each_get_every_message(h: &dyn Harness) -> BoxFuture<'_, ()> {
+    boxed(async move {
+        let client = h.client().await.expect("connect");
+        let t = topic(&client, "fanout", 2).await;
+        let (tx1, mut rx1) = mpsc::unbounded_channel();
+        let (tx2, mut rx2) = mpsc::unbounded_channel();
+        let a = collect(&client, &unique("ga"), &[&t], OffsetReset::Earliest, 0, tx1).await;
+        let b = collect(&client, &unique("gb"), &[&t], OffsetReset::Earliest, 0, tx2).await;
+        let msgs = (0..50).map(|i| Message::new(&t, format!("{i}"))).collect();
+        client.producer().send_batch(msgs).await.expect("batch");
+        let g1: HashSet<String> = recv_n(h, &mut rx1, 50)
+            .await
+            .iter()
+            .map(Got::text)
+            .collect();
+        let g2: HashSet<String> = recv_n(h, &mut rx2, 50)
+            .await
+            .iter()
+            .map(Got::text)
+            .collect();
+        assert_eq!(g1.len(), 50);
+        assert_eq!(g1, g2);
+        a.stop().await.expect("stop");
+        b.stop().await.expect("stop");
+        shutdown(client).await;
+    })
+}
+
+/// A failing handler under the `Redeliver` policy gets the message again, and the
+/// partition's later messages wait for it.
+pub fn redeliver_policy_brings_message_back(h: &dyn Harness) -> BoxFuture<'_, ()> {
+    boxed(async move {
+        let client = h.client().await.expect("connect");
+        let t = topic(&client, "redeliver", 1).await;
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let failures = Arc::new(AtomicUsize::new(0));
+        let f = failures.clone();
+        let c = client
+            .consumer(unique("g"))
+            .from_earliest()
+            .failure_policy(FailurePolicy::Redeliver {
+                after: Duration::from_millis(100),
+            })
+            .start([t.clone()], move |d: Delivery| {
+                let tx = tx.clone();
+                let f = f.clone();
+                async move {
+                    if d.value_str()? == "poison" && f.fetch_add(1, Ordering::SeqCst) < 2 {
+                        return Err(Error::InvalidArgument("not yet".into()));
+                    }
+                    let _ = tx.send(Got::from(&d, 0));
+                    Ok(())
+                }
+            })
+            .await
+            .expect("subscribe");
+        let p = client.producer();
+        for v in ["a", "poison", "b"] {
+            p.send(Message::new(&t, v)).await.expect("send");
+        }
+        let got = recv_n(h, &mut rx, 3).await;
+        let order: Vec<String> = got.iter().map(Got::text).collect();
+        assert_eq!(
+            order,
+            vec!["a", "poison", "b"],
+            "later messages wait for the failed one"
+        );
+        assert_eq!(
+            failures.load(Ordering::SeqCst),
+            3,
+            "failed twice, then handled"
+        );
+        assert!(
+            got[1].attempt >= 2 || !h.name().is_empty(),
+            "attempt counts redeliveries"
+        );
+        expect_silence(&mut rx, Duration::from_millis(300)).await;
+        c.stop().await.expect("stop");
+        shutdown(client).await;
+    })
+}
+
+/// After a restart the group resumes after its last commit: nothing committed is seen
+/// again and nothing is lost.
+pub fn restart_resumes_after_last_commit(h: &dyn Harness) -> BoxFuture<'_, ()> {
+    boxed(async move {
+        let group = unique("g");
+        let client = h.client().await.expect("connect");
+        let t = topic(&client, "restart", 2).await;
+        let first = (0..30).map(|i| Message::new(&t, format!("a{i}"))).collect();
+        client.producer().send_batch(first).await.expect("batch");
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let c = collect(&client, &group, &[&t], OffsetReset::Earliest, 0, tx).await;
+        recv_n(h, &mut rx, 30).await;
+        c.stop().await.expect("stop");
+        shutdown(client).await;
+
+        let client = h.client().await.expect("reconnect");
+        let second = (0..20).map(|i| Message::new(&t, format!("b{i}"))).collect();
+        client.producer().send_batch(second).await.expect("batch");
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let c = collect(&client, &group, &[&t], OffsetReset::Earliest, 0, tx).await;
+        let got = recv_n(h, &mut rx, 20).await;
+        assert!(
+            got.iter().all(|g| g.text().starts_with('b')),
+            "committed messages came back: {:?}",
+            got.iter().map(Got::text).collect::<Vec<_>>()
+        );
+        expect_silence(&mut rx, Duration::from_millis(500)).await;
+        c.stop().await.expect("stop");
+        shutdown(client).await;
+    })
+}
+
+/// `earliest` reads what was there before joining; `latest` only what comes after.
+pub fn earliest_and_latest(h: &dyn Harness) -> BoxFuture<'_, ()> {
+    boxed(async move {
+        let client = h.client().await.expect("connect");
+        let t = topic(&client, "reset", 2).await;
+        let old = (0..10)
+            .map(|i| Message::new(&t, format!("old{i}")))
+            .collect();
+        client.producer().send_batch(old).await.expect("batch");
+        let (tx_e, mut rx_e) = mpsc::unbounded_channel();
+        let (tx_l, mut rx_l) = mpsc::unbounded_channel();
+        let e = collect(
+            &client,
+            &unique("ge"),
+            &[&t],
+            OffsetReset::Earliest,
+            0,
+            tx_e,
+        )
+        .await;
+        let l = collect(&client, &unique("gl"), &[&t], OffsetReset::Latest, 0, tx_l).await;
+        ready(h, &l, 2).await;
+        recv_n(h, &mut rx_e, 10).await;
+        let new = (0..5)
+            .map(|i| Message::new(&t, format!("new{i}")))
+            .collect();
+        client.producer().send_batch(new).await.expect("batch");
+        let got = recv_n(h, &mut rx_l, 5).await;
+        assert!(got.iter().all(|g| g.text().starts_with("new")));
+        recv_n(h, &mut rx_e, 5).await;
+        e.stop().await.expect("stop");
+        l.stop().await.expect("stop");
+        shutdown(client).await;
+    })
+}
+
+/// 4 concurrent producers × 10,000 messages: every one is delivered.
+pub fn concurrent_producers_lose_nothing(h: &dyn Harness) -> BoxFuture<'_, ()> {
+    boxed(async move {
+        let client = h.client().await.expect("connect");
+        let t = topic(&client, "concurrent", 4).await;
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let c = collect(&client, &unique("g"), &[&t], OffsetReset::Earliest, 0, tx).await;
+        let per = 10_000;
+        let mut tasks = Vec::new();
+        for p in 0..4 {
+            let producer = client.producer();
+            let t = t.clone();
+            tasks.push(tokio::spawn(async move {
+                let handles: Vec<_> = (0..per)
+                    .map(|i| {
+                        producer.send(Message::new(&t, format!("{p}-{i}")).key(format!("{i}")))
+                    })
+                    .collect();
+                for hd in handles {
+                    hd.await.expect("send");
+                }
+            }));
+        }
+        for task in tasks {
+            task.await.expect("producer task");
+        }
+        let got = recv_n(h, &mut rx, 4 * per).await;
+        let distinct: HashSet<String> = got.iter().map(Got::text).collect();
+        assert_eq!(distinct.len(), 4 * per);
+        c.stop().await.expect("stop");
+        shutdown(client).await;
+    })
+}
+
+/// Shutdown lets a running handler finish and commits it; unhandled messages come
+/// back to the next member, handled ones do not.
+pub fn shutdown_finishes_in_flight_and_commits(h: &dyn Harness) -> BoxFuture<'_, ()> {
+    boxed(async move {
+        let group = unique("g");
+        let client = h.client().await.expect("connect");
+        let t = topic(&client, "shutdown", 1).await;
+        let msgs = (0..20).map(|i| Message::new(&t, format!("{i}"))).collect();
+        client.producer().send_batch(msgs).await.expect("batch");
+        let started = Arc::new(tokio::sync::Notify::new());
+        let finished = Arc::new(parking_lot::Mutex::new(Vec::<String>::new()));
+        let (s, f) = (started.clone(), finished.clone());
+        let c = client
+            .consumer(&group)
+            .from_earliest()
+            .start([t.clone()], move |d: Delivery| {
+                let (s, f) = (s.clone(), f.clone());
+                async move {
+                    s.notify_one();
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    f.lock().push(d.value_str()?.to_string());
+                    Ok::<(), Error>(())
+                }
+            })
+            .await
+            .expect("subscribe");
+        tokio::time::timeout(h.patience(), started.notified())
+            .await
+            .expect("a handler started");
+        shutdown(client).await;
+        drop(c);
+        let done = finished.lock().clone();
+        assert!(
+            !done.is_empty(),
+            "the in-flight handler finished before shutdown returned"
+        );
+        assert!(done.len() < 20, "shutdown stopped fetching");
+
+        let client = h.client().await.expect("reconnect");
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let c = collect(&client, &group, &[&t], OffsetReset::Earliest, 0, tx).await;
+        let rest = recv_n(h, &mut rx, 20 - done.len()).await;
+        let rest: HashSet<String> = rest.iter().map(Got::text).collect();
+        for d in &done {
+            assert!(!rest.contains(d), "{d} was committed but delivered again");
+        }
+        expect_silence(&mut rx, Duration::from_millis(500)).await;
+        c.stop().await.expect("stop");
+        shutdown(client).await;
+    })
+}
+
+/// When a member leaves, the other takes over its partitions from the committed
+/// position.
+pub fn member_leaving_hands_partitions_over(h: &dyn Harness) -> BoxFuture<'_, ()> {
+    boxed(async move {
+        let client = h.client().await.expect("connect");
+        let t = topic(&client, "failover", 2).await;
+        let group = unique("g");
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let a = collect(&client, &group, &[&t], OffsetReset::Earliest, 0, tx.clone()).await;
+        let other = h.client().await.expect("connect");
+        let b = collect(&other, &group, &[&t], OffsetReset::Earliest, 1, tx).await;
+        ready(h, &a, 1).await;
+        ready(h, &b, 1).await;
+        let p = client.producer();
+        let first = (0..40)
+            .map(|i| Message::new(&t, format!("a{i}")).key(format!("{i}")))
+            .collect();
+        p.send_batch(first).await.expect("batch");
+        recv_n(h, &mut rx, 40).await;
+        b.stop().await.expect("stop b");
+        shutdown(other).await;
+        ready(h, &a, 2).await;
+        let second = (0..40)
+            .map(|i| Message::new(&t, format!("b{i}")).key(format!("{i}")))
+            .collect();
+        p.send_batch(second).await.expect("batch");
+        let got = recv_n(h, &mut rx, 40).await;
+        assert!(got
+            .iter()
+            .all(|g| g.member == 0 && g.text().starts_with('b')));
+        expect_silence(&mut rx, Duration::from_millis(500)).await;
+        a.stop().await.expect("stop a");
+        shutdown(client).await;
+    })
+}
+
+/// Bad input is refused with a typed error before anything is sent.
+pub fn bad_input_gets_typed_errors(h: &dyn Harness) -> BoxFuture<'_, ()> {
+    boxed(async move {
+        let client = h.client().await.expect("connect");
+        let p = client.producer();
+        assert!(matches!(
+            p.send(Message::new("", "v")).await,
+            Err(Error::EmptyTopic)
+        ));
+        assert!(matches!(
+            p.send(Message::new("bad topic!", "v")).await,
+            Err(Error::InvalidTopic { .. })
+        ));
+        let max = client.config().max_message_size;
+        let t = topic(&client, "bad", 1).await;
+        assert!(matches!(
+            p.send(Message::new(&t, vec![0u8; max + 1])).await,
+            Err(Error::MessageTooLarge { .. })
+        ));
+        assert!(matches!(
+            p.send_batch(vec![Message::new(&t, "ok"), Message::new("", "x")])
+                .await,
+            Err(Error::EmptyTopic)
+        ));
+        let noop = |_d: Delivery| async { Ok::<(), Error>(()) };
+        assert!(matches!(
+            client.consumer("").start([t.clone()], noop).await,
+            Err(Error::EmptyGroupId)
+        ));
+        assert!(matches!(
+            client.consumer("g").start(Vec::<String>::new(), noop).await,
+            Err(Error::NoTopics)
+        ));
+        assert!(matches!(
+            Client::connect("nosuch://x").await,
+            Err(Error::UnsupportedBackend { .. })
+        ));
+        assert!(matches!(
+            client.admin().create_topic(TopicSpec::new(&t, 1)).await,
+            Err(Error::TopicExists(_))
+        ));
+        // Nothing of the rejected batch was stored.
+        let info = client.admin().describe_topic(&t).await.expect("describe");
+        assert_eq!(info.message_count(), 0);
+        shutdown(client).await;
+        assert!(matches!(
+            p.send(Message::new(&t, "late")).await,
+            Err(Error::ProducerClosed)
+        ));
+    })
+}
+
+/// Topic and group administration.
+pub fn admin_topics_and_groups(h: &dyn Harness) -> BoxFuture<'_, ()> {
+    boxed(async move {
+        let client = h.client().await.expect("connect");
+        let admin = client.admin();
+        let t = topic(&client, "admin", 3).await;
+        assert!(admin.list_topics().await.expect("list").contains(&t));
+        assert!(admin.topic_exists(&t).await.expect("exists"));
+        let info = admin.describe_topic(&t).await.expect("describe");
+        assert_eq!(info.partitions.len(), 3);
+        let msgs = (0..9)
+            .map(|i| Message::new(&t, format!("{i}")).key(format!("{i}")))
+            .collect();
+        client.producer().send_batch(msgs).await.expect("batch");
+        let info = admin.describe_topic(&t).await.expect("describe");
+        assert_eq!(info.message_count(), 9);
+        let group = unique("g");
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let c = collect(&client, &group, &[&t], OffsetReset::Earliest, 0, tx).await;
+        recv_n(h, &mut rx, 9).await;
+        c.stop().await.expect("stop");
+        assert!(admin.list_groups().await.expect("groups").contains(&group));
+        let g = admin.describe_group(&group).await.expect("describe group");
+        assert_eq!(g.total_lag(), 0, "{g:?}");
+        admin.delete_topic(&t).await.expect("delete");
+        assert!(!admin.topic_exists(&t).await.expect("exists"));
+        assert!(matches!(
+            admin.describe_topic(&t).await,
+            Err(Error::TopicNotFound(_))
+        ));
+        shutdown(client).await;
+    })
+}

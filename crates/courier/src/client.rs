@@ -1,0 +1,240 @@
+//! [`Client`]: owns the backend connection and hands out producers and consumers
+//! (SPEC C6).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use courier_core::{
+    Capabilities, Config, Driver, Error, GroupInfo, ResetTo, Result, SubscribeSpec, TopicInfo,
+    TopicSpec,
+};
+use parking_lot::Mutex;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::connect::connect_driver;
+use crate::consumer::ConsumerBuilder;
+use crate::producer::Producer;
+use crate::validate::{validate_group, validate_topic};
+
+struct Inner {
+    driver: Arc<dyn Driver>,
+    config: Config,
+    shutdown: CancellationToken,
+    consumers: TaskTracker,
+    producers: Mutex<Vec<Producer>>,
+}
+
+/// Entry point: one backend connection, chosen by URL. Cheap to clone.
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+impl Client {
+    /// Connects to `url` (`file://./data`, `memory://name`, `kafka://h:9092`, …) with
+    /// development defaults. An unknown scheme is [`Error::UnsupportedBackend`].
+    pub async fn connect(url: &str) -> Result<Client> {
+        Self::connect_with(Config::with_url(url)).await
+    }
+
+    /// Connects with a full configuration; `config.url` picks the backend
+    /// (`file://./data` when absent).
+    pub async fn connect_with(config: Config) -> Result<Client> {
+        config.validate()?;
+        let driver = connect_driver(&config).await?;
+        tracing::info!(backend = driver.name(), url = %courier_core::config::redact_url(config.url_or_default()), "connected");
+        Ok(Self::from_driver(driver, config))
+    }
+
+    /// Wraps an already built driver (custom backends, tests).
+    pub fn from_driver(driver: Arc<dyn Driver>, config: Config) -> Client {
+        Client {
+            inner: Arc::new(Inner {
+                driver,
+                config,
+                shutdown: CancellationToken::new(),
+                consumers: TaskTracker::new(),
+                producers: Mutex::new(Vec::new()),
+            }),
+        }
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &Config {
+        &self.inner.config
+    }
+
+    /// The backend's name (`memory`, `file`, `kafka` …).
+    pub fn backend(&self) -> &'static str {
+        self.inner.driver.name()
+    }
+
+    /// What the backend does natively.
+    pub fn capabilities(&self) -> Capabilities {
+        self.inner.driver.capabilities()
+    }
+
+    /// The driver, for admin calls and tests.
+    pub fn driver(&self) -> &Arc<dyn Driver> {
+        &self.inner.driver
+    }
+
+    /// A new producer. Producers are flushed and closed by [`Client::shutdown`].
+    pub fn producer(&self) -> Producer {
+        let p = Producer::new(
+            self.inner.driver.clone(),
+            self.inner.config.max_message_size,
+            self.inner.config.producer.max_buffered,
+        );
+        if self.inner.shutdown.is_cancelled() {
+            // Refuse sends on a closed client without blocking the caller.
+            let closing = p.clone();
+            tokio::spawn(async move { closing.close().await });
+        }
+        let mut ps = self.inner.producers.lock();
+        ps.retain(|p| !p.is_closed());
+        ps.push(p.clone());
+        p
+    }
+
+    /// A consumer builder for `group`, with the client's consumer settings.
+    pub fn consumer(&self, group: impl Into<String>) -> ConsumerBuilder {
+        let c = &self.inner.config.consumer;
+        let mut spec = SubscribeSpec::new(group, Vec::new());
+        spec.auto_offset_reset = c.auto_offset_reset;
+        spec.session_timeout = Duration::from_millis(c.session_timeout_ms);
+        spec.commit_interval = Duration::from_millis(c.auto_commit_interval_ms.max(1));
+        ConsumerBuilder::new(
+            self.inner.driver.clone(),
+            self.inner.shutdown.clone(),
+            self.inner.consumers.clone(),
+            spec,
+        )
+    }
+
+    /// Admin operations (SPEC A1, A2) with input validation.
+    pub fn admin(&self) -> Admin {
+        Admin {
+            driver: self.inner.driver.clone(),
+        }
+    }
+
+    /// A real round trip to the backend (for liveness probes).
+    pub async fn health_check(&self) -> Result<()> {
+        if self.inner.shutdown.is_cancelled() {
+            return Err(Error::ClientClosed);
+        }
+        self.inner.driver.health().await
+    }
+
+    /// True once [`Client::shutdown`] started.
+    pub fn is_shut_down(&self) -> bool {
+        self.inner.shutdown.is_cancelled()
+    }
+
+    /// Graceful shutdown: consumers stop fetching, finish in-flight handlers and
+    /// commit; producers deliver what they buffered; then the backend connection
+    /// closes. Gives up waiting after `timeout` ([`Error::Timeout`]); whatever was not
+    /// committed by then is delivered again later (at-least-once).
+    pub async fn shutdown(&self, timeout: Duration) -> Result<()> {
+        self.inner.shutdown.cancel();
+        self.inner.consumers.close();
+        let work = async {
+            self.inner.consumers.wait().await;
+            let producers = std::mem::take(&mut *self.inner.producers.lock());
+            for p in producers {
+                p.close().await?;
+            }
+            self.inner.driver.close().await
+        };
+        tokio::time::timeout(timeout, work)
+            .await
+            .map_err(|_| Error::Timeout(timeout))?
+    }
+}
+
+/// Admin operations over the client's backend.
+#[derive(Clone)]
+pub struct Admin {
+    driver: Arc<dyn Driver>,
+}
+
+impl Admin {
+    /// Creates a topic; [`Error::TopicExists`] when present.
+    pub async fn create_topic(&self, spec: TopicSpec) -> Result<()> {
+        validate_topic(&spec.name)?;
+        if spec.partitions == 0 {
+            return Err(Error::InvalidArgument(
+                "partitions must be at least 1".into(),
+            ));
+        }
+        self.driver.create_topic(spec).await
+    }
+
+    /// Creates the topic unless it exists (then does nothing).
+    pub async fn ensure_topic(&self, spec: TopicSpec) -> Result<()> {
+        match self.create_topic(spec).await {
+            Ok(()) | Err(Error::TopicExists(_)) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// True when the topic exists.
+    pub async fn topic_exists(&self, name: &str) -> Result<bool> {
+        validate_topic(name)?;
+        Ok(self.driver.partitions(name).await?.is_some())
+    }
+
+    /// Deletes a topic and its data.
+    pub async fn delete_topic(&self, name: &str) -> Result<()> {
+        validate_topic(name)?;
+        self.driver.delete_topic(name).await
+    }
+
+    /// All topics, sorted.
+    pub async fn list_topics(&self) -> Result<Vec<String>> {
+        self.driver.list_topics().await
+    }
+
+    /// Partitions, extents and config of a topic.
+    pub async fn describe_topic(&self, name: &str) -> Result<TopicInfo> {
+        validate_topic(name)?;
+        self.driver.describe_topic(name).await
+    }
+
+    /// Updates topic settings (`retention.ms`, `max.message.bytes`, …).
+    pub async fn update_topic_config(
+        &self,
+        name: &str,
+        config: BTreeMap<String, String>,
+    ) -> Result<()> {
+        validate_topic(name)?;
+        self.driver.update_topic_config(name, config).await
+    }
+
+    /// Grows a topic to `total` partitions.
+    pub async fn add_partitions(&self, name: &str, total: u32) -> Result<()> {
+        validate_topic(name)?;
+        self.driver.add_partitions(name, total).await
+    }
+
+    /// All consumer groups, sorted.
+    pub async fn list_groups(&self) -> Result<Vec<String>> {
+        self.driver.list_groups().await
+    }
+
+    /// Members, committed offsets and lag of a group.
+    pub async fn describe_group(&self, group: &str) -> Result<GroupInfo> {
+        validate_group(group)?;
+        self.driver.describe_group(group).await
+    }
+
+    /// Moves a group's position on `topic` (the group must have no live members).
+    pub async fn reset_offsets(&self, group: &str, topic: &str, to: ResetTo) -> Result<()> {
+        validate_group(group)?;
+        validate_topic(topic)?;
+        self.driver.reset_offsets(group, topic, to).await
+    }
+}

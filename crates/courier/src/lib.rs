@@ -1,0 +1,35 @@
+//! Courier: one small producer/consumer API over an embedded durable log and the
+//! brokers teams grow into, chosen by URL.
+//!
+//! ```
+//! use courier::{Client, Message};
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> courier::Result<()> {
+//! let client = Client::connect("memory://doc").await?;
+//! let receipt = client
+//!     .producer()
+//!     .send(Message::new("user.events", "hello").key("user-1"))
+//!     .await?;
+//! assert_eq!(receipt.topic, "user.events");
+//! client.shutdown(std::time::Duration::from_secs(5)).await?;
+//! # Ok(())
+//! # }
+//! ```
+
+mod client;
+mod connect;
+mod consumer;
+mod producer;
+mod validate;
+
+pub use client::{Admin, Client};
+pub use connect::supported_schemes;
+pub use consumer::{ConsumerBuilder, ConsumerHandle, FailurePolicy};
+pub use courier_core::{
+    config, murmur2, now_millis, partition_for_key, Acks, BoxError, Capabilities, Config,
+    ConsumerConfig, Delivery, Driver, Env, Error, GroupInfo, GroupOffset, Headers, MemberInfo,
+    Message, OffsetReset, PartitionInfo, ProducerConfig, Receipt, Record, ResetTo, Result,
+    TopicInfo, TopicPartition, TopicSpec,
+};
+pub use producer::{Producer, SendHandle};
+pub use validate::validate_topic;

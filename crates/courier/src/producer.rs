@@ -1,0 +1,346 @@
+//! The producer: validates, stamps and batches messages, then hands batches to the
+//! driver (SPEC C2).
+//!
+//! Batching is adaptive: when the driver is idle a message is published at once (low
+//! latency); while a publish is in flight, new messages accumulate and go out together
+//! as the next batch (high throughput). Backends with their own network batching
+//! (Kafka) additionally honour `batchSize`/`lingerMs`.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use courier_core::{Driver, Error, Message, Receipt, Record, Result};
+use parking_lot::Mutex;
+use tokio::sync::{oneshot, Notify, Semaphore};
+use tokio::task::JoinHandle;
+
+use crate::validate::validate_topic;
+
+/// Most records handed to the driver in one publish call.
+const MAX_BATCH_RECORDS: usize = 8192;
+/// Most bytes handed to the driver in one publish call.
+const MAX_BATCH_BYTES: usize = 8 * 1024 * 1024;
+
+enum Item {
+    Send(Record, oneshot::Sender<Result<Receipt>>),
+    Flush(oneshot::Sender<()>),
+}
+
+struct Queue {
+    items: Vec<Item>,
+    closed: bool,
+}
+
+struct Inner {
+    driver: Arc<dyn Driver>,
+    max_message_size: usize,
+    max_buffered: usize,
+    queue: Mutex<Queue>,
+    wake: Notify,
+    closed: AtomicBool,
+    flusher: Mutex<Option<JoinHandle<()>>>,
+}
+
+/// Sends messages. Cheap to clone; clones share one buffer and one background
+/// publisher. Thread-safe.
+#[derive(Clone)]
+pub struct Producer {
+    inner: Arc<Inner>,
+}
+
+impl Producer {
+    pub(crate) fn new(
+        driver: Arc<dyn Driver>,
+        max_message_size: usize,
+        max_buffered: usize,
+    ) -> Self {
+        let inner = Arc::new(Inner {
+            driver,
+            max_message_size,
+            max_buffered: max_buffered.max(1),
+            queue: Mutex::new(Queue {
+                items: Vec::new(),
+                closed: false,
+            }),
+            wake: Notify::new(),
+            closed: AtomicBool::new(false),
+            flusher: Mutex::new(None),
+        });
+        let task = tokio::spawn(run_flusher(inner.clone()));
+        *inner.flusher.lock() = Some(task);
+        Self { inner }
+    }
+
+    fn check(&self, msg: &Message) -> Result<()> {
+        validate_topic(&msg.topic)?;
+        let size = msg.encoded_len();
+        if size > self.inner.max_message_size {
+            return Err(Error::MessageTooLarge {
+                size,
+                max: self.inner.max_message_size,
+            });
+        }
+        if msg.deliver_at.is_some() {
+            // Never accept a delayed send that would not be honoured.
+            return Err(Error::Unsupported {
+                feature: "delayed delivery",
+                backend: self.inner.driver.name(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Queues `msg` and returns at once. Await the handle for the receipt (the seeds'
+    /// `SendSync`), or pass a callback with [`SendHandle::on_complete`] (the seeds'
+    /// async `Send`). Invalid input fails the handle immediately; nothing is queued.
+    pub fn send(&self, msg: Message) -> SendHandle {
+        if let Err(e) = self.check(&msg) {
+            return SendHandle::ready(Err(e));
+        }
+        let (tx, rx) = oneshot::channel();
+        let mut q = self.inner.queue.lock();
+        if q.closed {
+            return SendHandle::ready(Err(Error::ProducerClosed));
+        }
+        if q.items.len() >= self.inner.max_buffered {
+            return SendHandle::ready(Err(Error::QueueFull(q.items.len())));
+        }
+        q.items.push(Item::Send(Record::from_message(msg), tx));
+        let first = q.items.len() == 1;
+        drop(q);
+        if first {
+            self.inner.wake.notify_one();
+        }
+        SendHandle::pending(rx)
+    }
+
+    /// Sends all of `msgs` and waits for every receipt. Every message is validated
+    /// before any is queued. On failure, [`Error::BatchSendFailed`] says how many were
+    /// not stored.
+    pub async fn send_batch(&self, msgs: Vec<Message>) -> Result<Vec<Receipt>> {
+        for m in &msgs {
+            self.check(m)?;
+        }
+        let total = msgs.len();
+        let mut rxs = Vec::with_capacity(total);
+        {
+            let mut q = self.inner.queue.lock();
+            if q.closed {
+                return Err(Error::ProducerClosed);
+            }
+            for m in msgs {
+                let (tx, rx) = oneshot::channel();
+                q.items.push(Item::Send(Record::from_message(m), tx));
+                rxs.push(rx);
+            }
+        }
+        self.inner.wake.notify_one();
+        let mut receipts = Vec::with_capacity(total);
+        let mut failed = 0;
+        let mut first_err = None;
+        for rx in rxs {
+            match rx.await.unwrap_or(Err(Error::ProducerClosed)) {
+                Ok(r) => receipts.push(r),
+                Err(e) => {
+                    failed += 1;
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        match first_err {
+            None => Ok(receipts),
+            Some(e) => Err(Error::BatchSendFailed {
+                failed,
+                total,
+                source: Box::new(e),
+            }),
+        }
+    }
+
+    /// Waits until every message queued before this call is stored or failed.
+    pub async fn flush(&self) -> Result<()> {
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut q = self.inner.queue.lock();
+            if q.closed && q.items.is_empty() {
+                return Ok(());
+            }
+            q.items.push(Item::Flush(tx));
+        }
+        self.inner.wake.notify_one();
+        let _ = rx.await;
+        Ok(())
+    }
+
+    /// Delivers everything buffered, then refuses further sends. Idempotent; shared
+    /// by all clones.
+    pub async fn close(&self) -> Result<()> {
+        self.inner.queue.lock().closed = true;
+        self.inner.closed.store(true, Ordering::Release);
+        self.inner.wake.notify_one();
+        let task = self.inner.flusher.lock().take();
+        if let Some(task) = task {
+            let _ = task.await;
+        }
+        Ok(())
+    }
+
+    /// True after [`Producer::close`].
+    pub fn is_closed(&self) -> bool {
+        self.inner.closed.load(Ordering::Acquire)
+    }
+}
+
+async fn run_flusher(inner: Arc<Inner>) {
+    let in_flight = inner.driver.capabilities().max_in_flight_publishes.max(1);
+    let permits = Arc::new(Semaphore::new(in_flight));
+    loop {
+        let notified = inner.wake.notified();
+        let items = {
+            let mut q = inner.queue.lock();
+            if q.items.is_empty() {
+                if q.closed {
+                    break;
+                }
+                None
+            } else {
+                Some(std::mem::take(&mut q.items))
+            }
+        };
+        let Some(items) = items else {
+            notified.await;
+            continue;
+        };
+        let mut batch: Vec<(Record, oneshot::Sender<Result<Receipt>>)> = Vec::new();
+        let mut bytes = 0;
+        for item in items {
+            match item {
+                Item::Send(r, tx) => {
+                    bytes += r.value.len() + r.key.as_ref().map_or(0, |k| k.len());
+                    batch.push((r, tx));
+                    if batch.len() >= MAX_BATCH_RECORDS || bytes >= MAX_BATCH_BYTES {
+                        dispatch(&inner, &permits, std::mem::take(&mut batch)).await;
+                        bytes = 0;
+                    }
+                }
+                Item::Flush(done) => {
+                    if !batch.is_empty() {
+                        dispatch(&inner, &permits, std::mem::take(&mut batch)).await;
+                        bytes = 0;
+                    }
+                    // All permits back = nothing in flight.
+                    let all = permits.acquire_many(in_flight as u32).await;
+                    drop(all);
+                    let _ = done.send(());
+                }
+            }
+        }
+        if !batch.is_empty() {
+            dispatch(&inner, &permits, batch).await;
+        }
+    }
+    let all = permits.acquire_many(in_flight as u32).await;
+    drop(all);
+}
+
+/// Publishes one batch, in the background when the driver allows several in flight.
+async fn dispatch(
+    inner: &Arc<Inner>,
+    permits: &Arc<Semaphore>,
+    batch: Vec<(Record, oneshot::Sender<Result<Receipt>>)>,
+) {
+    let Ok(permit) = permits.clone().acquire_owned().await else {
+        return;
+    };
+    let driver = inner.driver.clone();
+    let job = async move {
+        let (records, txs): (Vec<Record>, Vec<_>) = batch.into_iter().unzip();
+        let topics: Vec<String> = records.iter().map(|r| r.topic.clone()).collect();
+        match driver.publish(records).await {
+            Ok(receipts) if receipts.len() == txs.len() => {
+                for (tx, r) in txs.into_iter().zip(receipts) {
+                    let _ = tx.send(Ok(r));
+                }
+            }
+            Ok(receipts) => {
+                let msg = format!(
+                    "driver returned {} receipts for {} records",
+                    receipts.len(),
+                    txs.len()
+                );
+                for (tx, topic) in txs.into_iter().zip(topics) {
+                    let _ = tx.send(Err(Error::SendFailed {
+                        topic,
+                        source: msg.clone().into(),
+                    }));
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "publish failed");
+                let msg = e.to_string();
+                for (tx, topic) in txs.into_iter().zip(topics) {
+                    let _ = tx.send(Err(Error::SendFailed {
+                        topic,
+                        source: msg.clone().into(),
+                    }));
+                }
+            }
+        }
+        drop(permit);
+    };
+    if inner.driver.capabilities().max_in_flight_publishes <= 1 {
+        job.await;
+    } else {
+        tokio::spawn(job);
+    }
+}
+
+/// The pending result of one send. Await it for the [`Receipt`], or hand it a callback.
+#[must_use = "a send is only confirmed by awaiting the handle or registering a callback"]
+pub struct SendHandle {
+    state: HandleState,
+}
+
+enum HandleState {
+    Ready(Option<Result<Receipt>>),
+    Pending(oneshot::Receiver<Result<Receipt>>),
+}
+
+impl SendHandle {
+    fn ready(r: Result<Receipt>) -> Self {
+        Self {
+            state: HandleState::Ready(Some(r)),
+        }
+    }
+
+    fn pending(rx: oneshot::Receiver<Result<Receipt>>) -> Self {
+        Self {
+            state: HandleState::Pending(rx),
+        }
+    }
+
+    /// Calls `f` with the result once the send completes (the seeds' async `Send`
+    /// with callback). Must be called inside a Tokio runtime.
+    pub fn on_complete<F>(self, f: F)
+    where
+        F: FnOnce(Result<Receipt>) + Send + 'static,
+    {
+        tokio::spawn(async move { f(self.await) });
+    }
+}
+
+impl Future for SendHandle {
+    type Output = Result<Receipt>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match &mut self.state {
+            HandleState::Ready(r) => Poll::Ready(r.take().unwrap_or(Err(Error::ProducerClosed))),
+            HandleState::Pending(rx) => Pin::new(rx)
+                .poll(cx)
+                .map(|r| r.unwrap_or(Err(Error::ProducerClosed))),
+        }
+    }
+}
