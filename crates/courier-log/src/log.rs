@@ -43,7 +43,7 @@ struct Shared {
     admin: Mutex<()>,
     writer: Mutex<Option<WriterHandle>>,
     writer_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
-    db: Arc<redb::Database>,
+    db: Arc<store::StateDb>,
     background: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     // Last field: dropped (unlocked) only after everything above is closed.
     _lock: File,
@@ -217,7 +217,7 @@ impl Log {
                     })
                 }
             }
-            let db = store::open_db(&root.join(STATE_FILE))?;
+            let db = Arc::new(store::StateDb::new(root.join(STATE_FILE)));
             let tdir = root.join(TOPICS_DIR);
             let mut topics = HashMap::new();
             for entry in std::fs::read_dir(&tdir).ctx(&tdir)? {
@@ -438,6 +438,7 @@ impl Log {
     pub fn offsets(&self) -> Offsets {
         Offsets {
             db: self.shared.db.clone(),
+            _log: self.shared.clone(),
         }
     }
 
@@ -445,6 +446,7 @@ impl Log {
     pub fn kv(&self) -> Kv {
         Kv {
             db: self.shared.db.clone(),
+            _log: self.shared.clone(),
         }
     }
 

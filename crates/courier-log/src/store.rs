@@ -12,7 +12,36 @@ const OFFSETS: TableDefinition<(&str, &str, u32), (u64, &str)> =
     TableDefinition::new("group_offsets");
 const KV: TableDefinition<&[u8], &[u8]> = TableDefinition::new("kv");
 
-pub(crate) fn open_db(path: &std::path::Path) -> Result<Arc<Database>> {
+/// The redb file, opened on first use: most logs (and all tests of the data
+/// path) never touch side state, and opening/closing redb costs fsyncs.
+pub(crate) struct StateDb {
+    path: std::path::PathBuf,
+    db: std::sync::Mutex<Option<Arc<Database>>>,
+}
+
+impl StateDb {
+    pub fn new(path: std::path::PathBuf) -> Self {
+        StateDb {
+            path,
+            db: std::sync::Mutex::new(None),
+        }
+    }
+
+    fn get(&self) -> Result<Arc<Database>> {
+        let mut g = self.db.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(db) = &*g {
+            return Ok(db.clone());
+        }
+        let db = open_db(&self.path)?;
+        *g = Some(db.clone());
+        Ok(db)
+    }
+}
+
+/// Keeps the owning log (and its lock) alive while a handle exists.
+pub(crate) type LogRef = Arc<dyn std::any::Any + Send + Sync>;
+
+fn open_db(path: &std::path::Path) -> Result<Arc<Database>> {
     let db = Database::create(path).map_err(store_err)?;
     // Create the tables up front so read transactions never see them missing.
     let tx = db.begin_write().map_err(store_err)?;
@@ -65,7 +94,8 @@ pub struct CommittedOffset {
 /// Consumer group offsets. Cheap to clone.
 #[derive(Clone)]
 pub struct Offsets {
-    pub(crate) db: Arc<Database>,
+    pub(crate) db: Arc<StateDb>,
+    pub(crate) _log: LogRef,
 }
 
 impl std::fmt::Debug for Offsets {
@@ -81,6 +111,7 @@ impl Offsets {
         let group = group.to_string();
         let commits = commits.to_vec();
         blocking(move || {
+            let db = db.get()?;
             let tx = db.begin_write().map_err(store_err)?;
             {
                 let mut t = tx.open_table(OFFSETS).map_err(store_err)?;
@@ -107,6 +138,7 @@ impl Offsets {
         let db = self.db.clone();
         let (group, topic) = (group.to_string(), topic.to_string());
         blocking(move || {
+            let db = db.get()?;
             let tx = db.begin_read().map_err(store_err)?;
             let t = tx.open_table(OFFSETS).map_err(store_err)?;
             let v = t
@@ -128,6 +160,7 @@ impl Offsets {
         let db = self.db.clone();
         let group = group.to_string();
         blocking(move || {
+            let db = db.get()?;
             let tx = db.begin_read().map_err(store_err)?;
             let t = tx.open_table(OFFSETS).map_err(store_err)?;
             let mut out = Vec::new();
@@ -156,6 +189,7 @@ impl Offsets {
     pub async fn list_groups(&self) -> Result<Vec<String>> {
         let db = self.db.clone();
         blocking(move || {
+            let db = db.get()?;
             let tx = db.begin_read().map_err(store_err)?;
             let t = tx.open_table(OFFSETS).map_err(store_err)?;
             let mut out: Vec<String> = Vec::new();
@@ -176,6 +210,7 @@ impl Offsets {
         let db = self.db.clone();
         let group = group.to_string();
         blocking(move || {
+            let db = db.get()?;
             let tx = db.begin_write().map_err(store_err)?;
             let n;
             {
@@ -214,7 +249,8 @@ pub enum KvOp {
 /// A generic ordered key/value table for small side state. Cheap to clone.
 #[derive(Clone)]
 pub struct Kv {
-    pub(crate) db: Arc<Database>,
+    pub(crate) db: Arc<StateDb>,
+    pub(crate) _log: LogRef,
 }
 
 impl std::fmt::Debug for Kv {
@@ -238,6 +274,7 @@ impl Kv {
     pub async fn batch(&self, ops: Vec<KvOp>) -> Result<()> {
         let db = self.db.clone();
         blocking(move || {
+            let db = db.get()?;
             let tx = db.begin_write().map_err(store_err)?;
             {
                 let mut t = tx.open_table(KV).map_err(store_err)?;
@@ -262,6 +299,7 @@ impl Kv {
         let db = self.db.clone();
         let key = key.into();
         blocking(move || {
+            let db = db.get()?;
             let tx = db.begin_read().map_err(store_err)?;
             let t = tx.open_table(KV).map_err(store_err)?;
             let v = t.get(&key[..]).map_err(store_err)?;
@@ -275,6 +313,7 @@ impl Kv {
         let db = self.db.clone();
         let prefix = prefix.into();
         blocking(move || {
+            let db = db.get()?;
             let tx = db.begin_read().map_err(store_err)?;
             let t = tx.open_table(KV).map_err(store_err)?;
             let mut out = Vec::new();
