@@ -159,7 +159,7 @@ pub fn parse_header(buf: &[u8]) -> Result<BatchHeader, DecodeError> {
     }
     let len = u32_at(buf, 0);
     let total = len as usize + LEN_FIELD;
-    if total < BATCH_HEADER_LEN || total > MAX_BATCH_LEN {
+    if !(BATCH_HEADER_LEN..=MAX_BATCH_LEN).contains(&total) {
         return Err(DecodeError::BadLength(len));
     }
     let magic = buf[16];

@@ -85,9 +85,10 @@ pub enum LogError {
     /// The log was closed (or its topic deleted) while the operation was pending.
     #[error("log is closed")]
     Closed,
-    /// The side-state store (redb) failed.
+    /// The side-state store (redb) failed. Boxed: redb's error is large and
+    /// would bloat every `Result` of the data path.
     #[error("side-state store error: {0}")]
-    Store(#[from] redb::Error),
+    Store(Box<redb::Error>),
 }
 
 /// Result alias for this crate.
@@ -107,5 +108,5 @@ impl<T> IoContext<T> for std::io::Result<T> {
 }
 
 pub(crate) fn store_err(e: impl Into<redb::Error>) -> LogError {
-    LogError::Store(e.into())
+    LogError::Store(Box::new(e.into()))
 }

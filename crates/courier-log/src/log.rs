@@ -82,10 +82,8 @@ impl Drop for Shared {
                     if let Err(e) = p.flush(true) {
                         tracing::warn!(error = %e, "flush on close failed");
                     }
-                } else {
-                    read_lock(&p.segments)
-                        .last()
-                        .map(|s| s.write_indexes(&p.dir));
+                } else if let Some(s) = read_lock(&p.segments).last() {
+                    s.write_indexes(&p.dir);
                 }
             }
         }

@@ -26,13 +26,13 @@ fn cfg(fsync: FsyncPolicy) -> TopicConfig {
 
 fn rec(i: u64, ts: i64) -> Record {
     Record {
-        key: if i % 3 == 0 {
+        key: if i.is_multiple_of(3) {
             None
         } else {
             Some(Bytes::from(format!("k{i}")))
         },
         value: Bytes::from(format!("value-{i}-{}", "x".repeat((i % 50) as usize))),
-        headers: if i % 2 == 0 {
+        headers: if i.is_multiple_of(2) {
             vec![("h".to_string(), Bytes::from(i.to_string()))]
         } else {
             vec![]
