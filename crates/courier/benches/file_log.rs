@@ -77,7 +77,10 @@ async fn produce_batched(n: u64, value_len: usize) -> (f64, Client, tempfile::Te
                 let mut sent = 0;
                 while sent < n / 2 {
                     let batch: Vec<Message> = (0..1000)
-                        .map(|i| Message::new("bench", value.clone()).partition(((t * 2) + (i & 1)) as u32))
+                        .map(|i| {
+                            Message::new("bench", value.clone())
+                                .partition(((t * 2) + (i & 1)) as u32)
+                        })
                         .collect();
                     p.send_batch(batch).await.expect("batch");
                     sent += 1000;
@@ -106,9 +109,12 @@ async fn produce_concurrent(n: u64, senders: u64, fsync: &str) -> f64 {
             let p = c.producer();
             tokio::spawn(async move {
                 for i in 0..n / senders {
-                    p.send(Message::new("bench", vec![b'x'; 100]).key((s * 1_000_003 + i).to_le_bytes().to_vec()))
-                        .await
-                        .expect("send");
+                    p.send(
+                        Message::new("bench", vec![b'x'; 100])
+                            .key((s * 1_000_003 + i).to_le_bytes().to_vec()),
+                    )
+                    .await
+                    .expect("send");
                 }
             })
         })
@@ -159,11 +165,18 @@ fn main() {
         let n1k = n / 4;
         let raw1k = raw_ceiling(n1k, 1024);
         let (batched1k, c1k, _dir1k) = produce_batched(n1k, 1024).await;
-        c1k.shutdown(Duration::from_secs(30)).await.expect("shutdown");
+        c1k.shutdown(Duration::from_secs(30))
+            .await
+            .expect("shutdown");
         let mb = |rate: f64, len: usize| rate * (len + 40) as f64 / 1e6;
         println!("file:// backend, {n} messages of 100 bytes ({n1k} of 1 KiB)");
         println!("{:<46} {:>12} {:>10}", "case", "msg/s", "MB/s");
-        println!("{:<46} {:>12.0} {:>10.1}", "raw write+fdatasync ceiling (100 B)", raw100 / 140.0, raw100 / 1e6);
+        println!(
+            "{:<46} {:>12.0} {:>10.1}",
+            "raw write+fdatasync ceiling (100 B)",
+            raw100 / 140.0,
+            raw100 / 1e6
+        );
         println!(
             "{:<46} {:>12.0} {:>10.1}  ({:.0}% of raw)",
             "produce send_batch(1000), fsync=interval",
@@ -171,9 +184,20 @@ fn main() {
             mb(batched, 100),
             100.0 * mb(batched, 100) * 1e6 / raw100
         );
-        println!("{:<46} {:>12.0}", "consume (handler + ack + commit)", consumed);
-        println!("{:<46} {:>12.0}", "64 concurrent send(), fsync=always", always64);
-        println!("{:<46} {:>12.0} {:>10.1}", "raw write+fdatasync ceiling (1 KiB)", raw1k / 1064.0, raw1k / 1e6);
+        println!(
+            "{:<46} {:>12.0}",
+            "consume (handler + ack + commit)", consumed
+        );
+        println!(
+            "{:<46} {:>12.0}",
+            "64 concurrent send(), fsync=always", always64
+        );
+        println!(
+            "{:<46} {:>12.0} {:>10.1}",
+            "raw write+fdatasync ceiling (1 KiB)",
+            raw1k / 1064.0,
+            raw1k / 1e6
+        );
         println!(
             "{:<46} {:>12.0} {:>10.1}  ({:.0}% of raw)",
             "produce send_batch(1000) 1 KiB, interval",
