@@ -8,7 +8,6 @@ use bytes::Bytes;
 use courier_log::{FsyncPolicy, Log, LogOptions, Record, TopicConfig};
 use std::io::Write;
 use std::path::Path;
-use std::sync::Arc;
 use std::time::Instant;
 
 type BoxErr = Box<dyn std::error::Error + Send + Sync>;
