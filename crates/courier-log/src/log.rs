@@ -82,8 +82,12 @@ impl Drop for Shared {
                     if let Err(e) = p.flush(true) {
                         tracing::warn!(error = %e, "flush on close failed");
                     }
-                } else if let Some(s) = read_lock(&p.segments).last() {
-                    s.write_indexes(&p.dir);
+                }
+                if let Some(s) = read_lock(&p.segments).last() {
+                    if !sync {
+                        s.write_indexes(&p.dir);
+                    }
+                    s.release_preallocation();
                 }
             }
         }

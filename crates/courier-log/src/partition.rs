@@ -119,6 +119,7 @@ impl PartitionInner {
             sync_dir(&dir)?;
         }
         let active = segments[segments.len() - 1].clone();
+        active.preallocate(read_lock(&config).segment_bytes);
         let start = segments[0].base;
         let next_offset = active.next_offset.load(Ordering::Acquire);
         let written = active.len.load(Ordering::Acquire);

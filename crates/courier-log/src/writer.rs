@@ -240,7 +240,7 @@ fn write_group(part: &PartitionInner, st: &mut WriterState, g: &mut Group) -> Re
         if too_big || too_old {
             write_all(&st.active, &g.reqs[start..i])?;
             start = i;
-            roll(part, st, cfg.fsync)?;
+            roll(part, st, cfg.fsync, cfg.segment_bytes)?;
         }
         if st.written == 0 {
             st.active.created_ms.store(now, Ordering::Relaxed);
@@ -310,7 +310,12 @@ fn write_all(seg: &Segment, reqs: &[AppendRequest]) -> Result<()> {
 }
 
 /// Seal the active segment and start a new one at the next offset.
-fn roll(part: &PartitionInner, st: &mut WriterState, policy: FsyncPolicy) -> Result<()> {
+fn roll(
+    part: &PartitionInner,
+    st: &mut WriterState,
+    policy: FsyncPolicy,
+    segment_bytes: u64,
+) -> Result<()> {
     let old = st.active.clone();
     old.len.store(st.written, Ordering::Release);
     old.next_offset.store(st.next_offset, Ordering::Release);
@@ -319,7 +324,9 @@ fn roll(part: &PartitionInner, st: &mut WriterState, policy: FsyncPolicy) -> Res
         old.file.sync_data().ctx(&old.log_path)?;
     }
     old.write_indexes(&part.dir);
+    old.release_preallocation();
     let new = Segment::create(&part.dir, st.next_offset)?;
+    new.preallocate(segment_bytes);
     if policy.syncs_on_roll() {
         sync_dir(&part.dir)?;
     }
