@@ -163,17 +163,25 @@ async fn main() -> Result<(), BoxErr> {
     )
     .await?;
     println!("courier-log benchmark (dir {})", dir.path().display());
+    // COURIER_LOG_BENCH_ONLY=always|append|read1k selects phases (for profiling).
+    let only = std::env::var("COURIER_LOG_BENCH_ONLY").ok();
+    let run = |name: &str| only.as_deref().is_none_or(|o| o == name);
 
     // 1. Group commit: 64 concurrent single-record appenders under Always.
-    quiesce();
-    let lat = raw_sync_latency(dir.path())?;
-    println!("raw write(160 B)+fdatasync, 1 writer:                {lat:>8.0} us per sync ({:.0} syncs/s)", 1e6 / lat);
-    let r1 = always_appenders(&log, "always1", 1, 2000).await?;
-    println!("64 single-record appenders, Always, 1 partition:     {r1:>10.0} rec/s (= {:.1} records per fdatasync at raw latency)", r1 * lat / 1e6);
-    let r8 = always_appenders(&log, "always8", 8, 1000).await?;
-    println!("64 single-record appenders, Always, 8 partitions:    {r8:>10.0} rec/s");
-    let lat2 = raw_sync_latency(dir.path())?;
-    println!("raw write(160 B)+fdatasync, 1 writer (again):        {lat2:>8.0} us per sync");
+    if run("always") {
+        quiesce();
+        let lat = raw_sync_latency(dir.path())?;
+        println!("raw write(160 B)+fdatasync, 1 writer:                {lat:>8.0} us per sync ({:.0} syncs/s)", 1e6 / lat);
+        let r1 = always_appenders(&log, "always1", 1, 2000).await?;
+        println!("64 single-record appenders, Always, 1 partition:     {r1:>10.0} rec/s (= {:.1} records per fdatasync at raw latency)", r1 * lat / 1e6);
+        let r8 = always_appenders(&log, "always8", 8, 1000).await?;
+        println!("64 single-record appenders, Always, 8 partitions:    {r8:>10.0} rec/s");
+        let lat2 = raw_sync_latency(dir.path())?;
+        println!("raw write(160 B)+fdatasync, 1 writer (again):        {lat2:>8.0} us per sync");
+    }
+    if !(run("append") || run("read1k")) {
+        return Ok(());
+    }
 
     // 2. Batched append, Interval fsync, 100-byte values, batches of 1000.
     quiesce();
@@ -207,6 +215,9 @@ async fn main() -> Result<(), BoxErr> {
     );
 
     // 4. 1 KiB values, batches of 100.
+    if !run("read1k") {
+        return Ok(());
+    }
     quiesce();
     let (recs, mbs, mbsf) = batched_append(&log, "b1k", 1, 100, 2000, 1024).await?;
     let bytes = log.partition("b1k", 0)?.size_bytes();

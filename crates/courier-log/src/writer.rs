@@ -9,6 +9,7 @@
 use std::io::{IoSlice, Write};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::codec::{self, PendingBatch};
@@ -36,6 +37,8 @@ impl WriterHandle {
 
 /// Most requests handled in one drain; bounds latency of the first waiter.
 const MAX_DRAIN: usize = 4096;
+/// Upper bound on waiting for more appends before a group-commit sync.
+const MAX_LINGER: Duration = Duration::from_micros(500);
 
 pub(crate) fn spawn(queue: usize) -> Result<(WriterHandle, std::thread::JoinHandle<()>)> {
     let (tx, rx) = mpsc::channel(queue.max(1));
@@ -49,17 +52,35 @@ pub(crate) fn spawn(queue: usize) -> Result<(WriterHandle, std::thread::JoinHand
     Ok((WriterHandle { tx }, h))
 }
 
+fn drain(rx: &mut mpsc::Receiver<AppendRequest>, reqs: &mut Vec<AppendRequest>) {
+    while reqs.len() < MAX_DRAIN {
+        match rx.try_recv() {
+            Ok(r) => reqs.push(r),
+            Err(_) => break,
+        }
+    }
+}
+
 fn run(mut rx: mpsc::Receiver<AppendRequest>) {
     let mut reqs = Vec::with_capacity(MAX_DRAIN);
+    // Size and sync time of the previous round that ended in an fdatasync.
+    let mut prev: Option<(usize, Duration)> = None;
     while let Some(first) = rx.blocking_recv() {
         reqs.push(first);
-        while reqs.len() < MAX_DRAIN {
-            match rx.try_recv() {
-                Ok(r) => reqs.push(r),
-                Err(_) => break,
+        drain(&mut rx, &mut reqs);
+        // Waiters of the last sync round are still waking up and re-sending;
+        // starting the next sync now would split them into two half-full
+        // rounds forever. Linger briefly (bounded by a fraction of the sync
+        // time, so it never costs more than it can save) to re-gather them.
+        if let Some((n, sync_time)) = prev {
+            let deadline = Instant::now() + (sync_time / 4).min(MAX_LINGER);
+            while reqs.len() < n && reqs.len() < MAX_DRAIN && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_micros(20));
+                drain(&mut rx, &mut reqs);
             }
         }
-        process(&mut reqs);
+        let n = reqs.len();
+        prev = process(&mut reqs).map(|t| (n, t));
     }
     tracing::debug!("writer thread exiting");
 }
@@ -72,7 +93,8 @@ struct Group {
     sync: Option<Arc<Segment>>,
 }
 
-fn process(reqs: &mut Vec<AppendRequest>) {
+/// Handle one drained round; returns how long its fdatasync took, if it had one.
+fn process(reqs: &mut Vec<AppendRequest>) -> Option<Duration> {
     let mut groups: Vec<Group> = Vec::new();
     for r in reqs.drain(..) {
         match groups.iter_mut().find(|g| Arc::ptr_eq(&g.part, &r.part)) {
@@ -108,7 +130,9 @@ fn process(reqs: &mut Vec<AppendRequest>) {
         .filter(|(_, g)| g.error.is_none())
         .filter_map(|(i, g)| g.sync.clone().map(|s| (i, s)))
         .collect();
+    let sync_started = Instant::now();
     let failures = sync_all(&to_sync);
+    let sync_time = (!to_sync.is_empty()).then(|| sync_started.elapsed());
     for (i, e) in failures {
         let seg = &to_sync[i].1;
         tracing::error!(path = %seg.log_path.display(), error = %e, "fdatasync failed");
@@ -134,6 +158,7 @@ fn process(reqs: &mut Vec<AppendRequest>) {
             }
         }
     }
+    sync_time
 }
 
 /// `fdatasync` every segment, in parallel when there are several; returns the
