@@ -323,6 +323,8 @@ impl Log {
                 p.deleted.store(true, Ordering::Release);
                 // Hold the writer lock so no append is mid-write while we move the dir.
                 drop(p.lock_writer());
+                // Wake wait_for() callers so they observe the deletion.
+                p.end.send_modify(|_| {});
             }
             let tomb = shared
                 .root

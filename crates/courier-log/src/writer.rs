@@ -220,11 +220,11 @@ fn clone_err(e: &LogError) -> LogError {
             source: std::io::Error::new(source.kind(), source.to_string()),
         },
         LogError::TopicNotFound(t) => LogError::TopicNotFound(t.clone()),
-        other => LogError::Corrupt {
+        LogError::InvalidConfig(s) => LogError::InvalidConfig(s.clone()),
+        // write_group produces only the variants above; keep the message.
+        other => LogError::Io {
             path: Default::default(),
-            offset: 0,
-            reason: other.to_string(),
-            resume_at: None,
+            source: std::io::Error::other(other.to_string()),
         },
     }
 }

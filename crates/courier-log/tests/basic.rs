@@ -166,7 +166,16 @@ async fn topic_admin() {
         .await
         .expect("update");
     let pb = log.partition("b", 0).expect("pb");
+    let waiter = {
+        let pb = pb.clone();
+        tokio::spawn(async move { pb.wait_for(0).await })
+    };
+    tokio::time::sleep(Duration::from_millis(10)).await;
     log.delete_topic("b").await.expect("delete");
+    assert!(matches!(
+        waiter.await.expect("join"),
+        Err(LogError::TopicNotFound(_))
+    ));
     assert!(matches!(
         pb.append(vec![Record::new("x")]).await,
         Err(LogError::TopicNotFound(_))
