@@ -115,7 +115,7 @@ async fn always_appenders(
     log.create_topic(topic, cfg).await?;
     let t = Instant::now();
     let mut tasks = Vec::new();
-    for i in 0..64u32 {
+    for i in 0..appenders {
         let part = log.partition(topic, i % partitions)?;
         tasks.push(tokio::spawn(async move {
             let r = records(1, 100);
@@ -128,7 +128,7 @@ async fn always_appenders(
     for t in tasks {
         t.await??;
     }
-    Ok((64 * per_task) as f64 / t.elapsed().as_secs_f64())
+    Ok((appenders as usize * per_task) as f64 / t.elapsed().as_secs_f64())
 }
 
 fn raw_sync_latency(dir: &Path) -> Result<f64, BoxErr> {
@@ -172,10 +172,12 @@ async fn main() -> Result<(), BoxErr> {
         quiesce();
         let lat = raw_sync_latency(dir.path())?;
         println!("raw write(160 B)+fdatasync, 1 writer:                {lat:>8.0} us per sync ({:.0} syncs/s)", 1e6 / lat);
-        let r1 = always_appenders(&log, "always1", 1, 2000).await?;
+        let r1 = always_appenders(&log, "always1", 1, 64, 2000).await?;
         println!("64 single-record appenders, Always, 1 partition:     {r1:>10.0} rec/s (= {:.1} records per fdatasync at raw latency)", r1 * lat / 1e6);
-        let r8 = always_appenders(&log, "always8", 8, 1000).await?;
+        let r8 = always_appenders(&log, "always8", 8, 64, 1000).await?;
         println!("64 single-record appenders, Always, 8 partitions:    {r8:>10.0} rec/s");
+        let r512 = always_appenders(&log, "always512", 1, 512, 400).await?;
+        println!("512 single-record appenders, Always, 1 partition:    {r512:>10.0} rec/s (= {:.1} records per fdatasync at raw latency)", r512 * lat / 1e6);
         let lat2 = raw_sync_latency(dir.path())?;
         println!("raw write(160 B)+fdatasync, 1 writer (again):        {lat2:>8.0} us per sync");
     }
