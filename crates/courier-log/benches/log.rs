@@ -105,6 +105,7 @@ async fn always_appenders(
     log: &Log,
     topic: &str,
     partitions: u32,
+    appenders: u32,
     per_task: usize,
 ) -> Result<f64, BoxErr> {
     let cfg = TopicConfig {
