@@ -544,3 +544,41 @@ async fn readers_run_concurrently_with_writer() {
         .expect("reader finished")
         .expect("join");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn torn_tail_write_is_truncated() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let seg = dir.path().join("topics/t/0").join(format!("{:020}.log", 0));
+    {
+        let log = Log::open(dir.path(), opts()).await.expect("open");
+        log.create_topic("t", cfg(FsyncPolicy::Always))
+            .await
+            .expect("create");
+        let part = log.partition("t", 0).expect("p");
+        for i in 0..10 {
+            part.append(vec![rec(i, i as i64)]).await.expect("append");
+        }
+    }
+    // Simulate a crash in the middle of writing the 11th batch.
+    let full = courier_log::codec::encode_batch(10, &[rec(10, 10), rec(11, 11)]);
+    let good_len = std::fs::metadata(&seg).expect("meta").len();
+    {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&seg)
+            .expect("open seg");
+        f.write_all(&full[..full.len() / 2]).expect("write");
+    }
+    let log = Log::open(dir.path(), opts()).await.expect("reopen");
+    assert_eq!(std::fs::metadata(&seg).expect("meta").len(), good_len);
+    let part = log.partition("t", 0).expect("p");
+    assert_eq!(part.end_offset(), 10);
+    let r = part.append(vec![rec(10, 10)]).await.expect("append");
+    assert_eq!(r.base_offset, 10);
+    let got = read_all(&log, "t", 0).await;
+    assert_eq!(got.len(), 11);
+    assert!(got
+        .iter()
+        .all(|s| s.record == rec(s.offset, s.offset as i64)));
+}
