@@ -236,6 +236,13 @@ impl Log {
                 if validate_topic_name(&name).is_err() || !path.is_dir() {
                     continue;
                 }
+                if !path.join(META_FILE).exists() {
+                    // create_topic writes the metadata file last, so this is a
+                    // create that crashed half way: nothing was acknowledged.
+                    tracing::warn!(topic = %name, "removing incompletely created topic");
+                    std::fs::remove_dir_all(&path).ctx(&path)?;
+                    continue;
+                }
                 let config = read_meta(&path)?;
                 topics.insert(
                     name.clone(),

@@ -582,3 +582,23 @@ async fn torn_tail_write_is_truncated() {
         .iter()
         .all(|s| s.record == rec(s.offset, s.offset as i64)));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_created_topic_is_cleaned_up() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    drop(Log::open(dir.path(), opts()).await.expect("open"));
+    // A crash during create_topic leaves a directory without metadata.
+    std::fs::create_dir_all(dir.path().join("topics/half/0")).expect("mkdir");
+    let log = Log::open(dir.path(), opts()).await.expect("reopen");
+    assert!(log.list_topics().is_empty());
+    log.create_topic("half", TopicConfig::default())
+        .await
+        .expect("create again");
+    // Damaged metadata is reported, never guessed at.
+    std::fs::write(dir.path().join("topics/half/topic.json"), b"{garbage").expect("write");
+    drop(log);
+    assert!(matches!(
+        Log::open(dir.path(), opts()).await,
+        Err(LogError::Metadata { .. })
+    ));
+}
