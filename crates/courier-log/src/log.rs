@@ -461,6 +461,14 @@ impl Log {
         }
     }
 
+    /// Graceful shutdown: `fdatasync` every partition and write all indexes,
+    /// reporting errors (dropping the last handle does the same silently).
+    /// The lock is released once this and every other handle of the log
+    /// (`Partition`, `Offsets`, `Kv`) are dropped.
+    pub async fn close(self) -> Result<()> {
+        self.flush().await
+    }
+
     /// `fdatasync` every partition and write all active indexes.
     pub async fn flush(&self) -> Result<()> {
         let shared = self.shared.clone();

@@ -100,6 +100,8 @@ async fn round_trip_and_restart() {
             part.read(end + 1, 10, 1000),
             Err(LogError::OffsetOutOfRange { .. })
         ));
+        drop(part);
+        log.close().await.expect("close");
     }
     // Restart: everything is still there and appends continue.
     let log = Log::open(dir.path(), opts()).await.expect("reopen");
