@@ -136,7 +136,7 @@ async fn consume(client: &Client, topic: &str, args: &Args) -> anyhow::Result<Ro
         .auto_offset_reset(OffsetReset::Earliest)
         .start([topic.to_string()], move |_d: Delivery| {
             let n = s.fetch_add(1, Ordering::Relaxed) + 1;
-            if n % 4096 == 0 {
+            if n.is_multiple_of(4096) {
                 pbc.set_position(n);
             }
             let done = done_tx.clone();
