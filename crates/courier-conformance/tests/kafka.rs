@@ -9,7 +9,8 @@ use std::time::Duration;
 fn kafka() -> courier_conformance::UrlHarness {
     let mut config = courier_conformance::harness::fast_config();
     config.consumer.session_timeout_ms = 6000;
-    let url = std::env::var("COURIER_KAFKA_URL").unwrap_or_else(|_| "kafka://127.0.0.1:9092".into());
+    let url =
+        std::env::var("COURIER_KAFKA_URL").unwrap_or_else(|_| "kafka://127.0.0.1:9092".into());
     courier_conformance::UrlHarness::new("kafka", url, config).patience(Duration::from_secs(45))
 }
 

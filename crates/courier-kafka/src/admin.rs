@@ -42,9 +42,7 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'sta
 
 impl Admin {
     pub(crate) fn new(config: ClientConfig) -> Result<Self> {
-        let client = config
-            .create()
-            .map_err(|e| Error::connection(BACKEND, e))?;
+        let client = config.create().map_err(|e| Error::connection(BACKEND, e))?;
         Ok(Self { client, config })
     }
 
@@ -57,10 +55,14 @@ impl Admin {
             let md = c
                 .fetch_metadata(Some(&topic), TIMEOUT)
                 .map_err(|e| Error::connection(BACKEND, e))?;
-            Ok(md.topics().iter().find(|t| t.name() == topic).and_then(|t| {
-                (t.error().is_none() && !t.partitions().is_empty())
-                    .then(|| t.partitions().iter().map(|p| p.id()).collect())
-            }))
+            Ok(md
+                .topics()
+                .iter()
+                .find(|t| t.name() == topic)
+                .and_then(|t| {
+                    (t.error().is_none() && !t.partitions().is_empty())
+                        .then(|| t.partitions().iter().map(|p| p.id()).collect())
+                }))
         })
         .await
     }
@@ -317,7 +319,8 @@ impl Admin {
                 }
             }
             let mut gc = config.clone();
-            gc.set("group.id", &group).set("enable.auto.commit", "false");
+            gc.set("group.id", &group)
+                .set("enable.auto.commit", "false");
             let gconsumer: BaseConsumer = gc.create().map_err(backend)?;
             let committed = gconsumer
                 .committed_offsets(tpl, TIMEOUT)
@@ -371,7 +374,8 @@ impl Admin {
         let topic = topic.to_string();
         blocking(move || {
             let mut gc = config.clone();
-            gc.set("group.id", &group).set("enable.auto.commit", "false");
+            gc.set("group.id", &group)
+                .set("enable.auto.commit", "false");
             let c: BaseConsumer = gc.create().map_err(backend)?;
             let mut tpl = TopicPartitionList::new();
             match to {
@@ -454,7 +458,9 @@ mod tests {
 
     #[test]
     fn decodes_consumer_protocol_assignment() {
-        let mut b = vec![0u8, 0, 0, 0, 0, 1, 0, 1, b't', 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 3];
+        let mut b = vec![
+            0u8, 0, 0, 0, 0, 1, 0, 1, b't', 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 3,
+        ];
         b.extend_from_slice(&[0, 0, 0, 0]);
         assert_eq!(
             parse_assignment(&b),

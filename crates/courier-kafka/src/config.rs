@@ -81,12 +81,17 @@ pub fn producer(config: &Config) -> Result<ClientConfig> {
         .set("linger.ms", p.linger_ms.to_string())
         .set(
             "enable.idempotence",
-            p.enable_idempotence.unwrap_or(p.acks == Acks::All).to_string(),
+            p.enable_idempotence
+                .unwrap_or(p.acks == Acks::All)
+                .to_string(),
         )
         .set("compression.type", "lz4")
         // Fallback only: Courier picks partitions itself with the same murmur2.
         .set("partitioner", "murmur2_random")
-        .set("message.max.bytes", (config.max_message_size + 4096).to_string())
+        .set(
+            "message.max.bytes",
+            (config.max_message_size + 4096).to_string(),
+        )
         .set(
             "queue.buffering.max.messages",
             p.max_buffered.clamp(1, 10_000_000).to_string(),
@@ -182,14 +187,16 @@ mod tests {
         assert_eq!(p.get("compression.type"), Some("lz4"));
         assert_eq!(p.get("client.id"), Some("me"));
         c.producer.enable_idempotence = Some(false);
-        assert_eq!(producer(&c).unwrap().get("enable.idempotence"), Some("false"));
+        assert_eq!(
+            producer(&c).unwrap().get("enable.idempotence"),
+            Some("false")
+        );
     }
 
     #[test]
     fn consumer_never_auto_commits() {
         let mut c = Config::with_url("kafka://h:9092");
-        c.backend
-            .insert("enable.auto.commit".into(), "true".into());
+        c.backend.insert("enable.auto.commit".into(), "true".into());
         let k = consumer(&c, "g", OffsetReset::Earliest, 6000).unwrap();
         assert_eq!(k.get("enable.auto.commit"), Some("false"));
         assert_eq!(k.get("enable.auto.offset.store"), Some("false"));

@@ -104,7 +104,12 @@ impl Driver for KafkaDriver {
             return Err(Error::NoTopics);
         }
         let session_ms = spec.session_timeout.as_millis().max(1) as u64;
-        let kc = config::consumer(&self.config, &spec.group, spec.auto_offset_reset, session_ms)?;
+        let kc = config::consumer(
+            &self.config,
+            &spec.group,
+            spec.auto_offset_reset,
+            session_ms,
+        )?;
         let sub = KafkaSubscription::start(kc, self.admin_config.clone(), spec)?;
         Ok(Box::new(sub))
     }
@@ -150,7 +155,11 @@ impl Driver for KafkaDriver {
         self.admin.describe_topic(name).await
     }
 
-    async fn update_topic_config(&self, name: &str, config: BTreeMap<String, String>) -> Result<()> {
+    async fn update_topic_config(
+        &self,
+        name: &str,
+        config: BTreeMap<String, String>,
+    ) -> Result<()> {
         self.admin.update_topic_config(name, config).await
     }
 

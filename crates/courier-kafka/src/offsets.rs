@@ -13,7 +13,11 @@ use rdkafka::ClientConfig;
 const LOOKUP_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// `(start, end)` of each of `partitions` of `topic` (blocking).
-pub fn extents(config: &ClientConfig, topic: &str, partitions: &[i32]) -> KafkaResult<Vec<(i64, i64)>> {
+pub fn extents(
+    config: &ClientConfig,
+    topic: &str,
+    partitions: &[i32],
+) -> KafkaResult<Vec<(i64, i64)>> {
     let mut c = config.clone();
     c.set("enable.partition.eof", "true")
         .set("enable.auto.commit", "false")

@@ -115,9 +115,10 @@ impl Publisher {
             let mut chosen: HashMap<&str, Option<(u32, u32)>> = HashMap::new();
             for r in &batch {
                 if !chosen.contains_key(r.topic.as_str()) {
-                    let p = self.partitions(&r.topic).await.map(|(n, sticky)| {
-                        (n, sticky.fetch_add(1, Ordering::Relaxed) % n.max(1))
-                    });
+                    let p = self
+                        .partitions(&r.topic)
+                        .await
+                        .map(|(n, sticky)| (n, sticky.fetch_add(1, Ordering::Relaxed) % n.max(1)));
                     chosen.insert(r.topic.as_str(), p);
                 }
             }

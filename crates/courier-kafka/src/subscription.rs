@@ -269,7 +269,11 @@ impl Context {
             .assignment
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .retain(|tp| !revoked.iter().any(|(t, p)| **t == *tp.topic && *p == tp.partition as i32));
+            .retain(|tp| {
+                !revoked
+                    .iter()
+                    .any(|(t, p)| **t == *tp.topic && *p == tp.partition as i32)
+            });
         let _ = self.shared.events.try_send(Event::Assigned);
     }
 }
@@ -427,8 +431,18 @@ fn apply_rewinds(consumer: &BaseConsumer<Context>, shared: &Shared) {
     }
 }
 
-fn seek(consumer: &BaseConsumer<Context>, topic: &str, partition: i32, offset: i64) -> KafkaResult<()> {
-    consumer.seek(topic, partition, Offset::Offset(offset), Duration::from_secs(5))
+fn seek(
+    consumer: &BaseConsumer<Context>,
+    topic: &str,
+    partition: i32,
+    offset: i64,
+) -> KafkaResult<()> {
+    consumer.seek(
+        topic,
+        partition,
+        Offset::Offset(offset),
+        Duration::from_secs(5),
+    )
 }
 
 fn single(topic: &str, partition: i32, offset: Option<i64>) -> TopicPartitionList {

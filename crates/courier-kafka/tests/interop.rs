@@ -22,9 +22,9 @@ fn bootstrap() -> String {
 
 /// A python with kafka-python importable, installed idempotently.
 fn python() -> PathBuf {
-    let venv = std::env::var("COURIER_VENV").map(PathBuf::from).unwrap_or_else(|_| {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/venv")
-    });
+    let venv = std::env::var("COURIER_VENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/venv"));
     let py = venv.join("bin/python");
     if !py.exists() {
         let ok = Command::new("python3")
@@ -105,7 +105,9 @@ async fn kafka_python_reads_what_courier_produced() {
     let py = python();
     let d = driver().await;
     let topic = unique("interop-out");
-    d.create_topic(TopicSpec::new(&topic, 3)).await.expect("create");
+    d.create_topic(TopicSpec::new(&topic, 3))
+        .await
+        .expect("create");
     let records: Vec<Record> = (0..30)
         .map(|i| {
             let mut h = Headers::new();
@@ -126,7 +128,11 @@ async fn kafka_python_reads_what_courier_produced() {
         .args(["-c", READ, &bootstrap(), &topic, "30"])
         .output()
         .expect("run kafka-python reader");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
         .lines()
         .map(|l| serde_json::from_str(l).expect("json line"))
@@ -137,7 +143,11 @@ async fn kafka_python_reads_what_courier_produced() {
         let i: usize = key.trim_start_matches("user-").parse().expect("i");
         let partition = m["partition"].as_u64().expect("partition") as u32;
         assert_eq!(partition, partition_for_key(key.as_bytes(), 3), "{key}");
-        assert_eq!(m["java_partition"].as_u64(), Some(u64::from(partition)), "{key}");
+        assert_eq!(
+            m["java_partition"].as_u64(),
+            Some(u64::from(partition)),
+            "{key}"
+        );
         assert_eq!(receipts[i].partition, partition);
         assert_eq!(receipts[i].offset, m["offset"].as_u64().unwrap());
         assert_eq!(m["value"], format!("v{i}"));
@@ -152,12 +162,18 @@ async fn courier_consumes_what_kafka_python_produced() {
     let py = python();
     let d = driver().await;
     let topic = unique("interop-in");
-    d.create_topic(TopicSpec::new(&topic, 3)).await.expect("create");
+    d.create_topic(TopicSpec::new(&topic, 3))
+        .await
+        .expect("create");
     let out = Command::new(&py)
         .args(["-c", WRITE, &bootstrap(), &topic, "20"])
         .output()
         .expect("run kafka-python writer");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let mut spec = courier_core::SubscribeSpec::new(unique("g"), vec![topic.clone()]);
     spec.auto_offset_reset = OffsetReset::Earliest;
     spec.session_timeout = Duration::from_secs(6);
@@ -177,7 +193,10 @@ async fn courier_consumes_what_kafka_python_produced() {
         let key = String::from_utf8(m.key.clone().expect("key").to_vec()).unwrap();
         let i: usize = key.trim_start_matches("py-").parse().unwrap();
         assert_eq!(m.value_str().unwrap(), format!("from-python-{i}"));
-        assert_eq!(m.header("origin").map(|b| b.as_ref()), Some(&b"kafka-python"[..]));
+        assert_eq!(
+            m.header("origin").map(|b| b.as_ref()),
+            Some(&b"kafka-python"[..])
+        );
         assert_eq!(m.headers.get_str("seq"), Some(i.to_string().as_str()));
         // kafka-python's default partitioner is Java's murmur2, like Courier's.
         assert_eq!(m.partition, partition_for_key(key.as_bytes(), 3), "{key}");
