@@ -30,7 +30,7 @@ pub(crate) const BACKEND: &str = "kafka";
 
 /// Batches a Courier producer may have in flight: librdkafka keeps per-partition order
 /// across them (idempotence, or at most 5 requests in flight per connection).
-const MAX_IN_FLIGHT_PUBLISHES: usize = 16;
+const MAX_IN_FLIGHT_PUBLISHES: usize = 64;
 
 /// The Kafka backend. Cheap to share; one librdkafka producer and one admin client per
 /// driver, one librdkafka consumer per subscription.

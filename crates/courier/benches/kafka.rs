@@ -2,7 +2,7 @@
 //! (127.0.0.1:9092 unless COURIER_KAFKA_URL is set): producer vs a bare
 //! `FutureProducer` with the same librdkafka settings (everything in flight), consumer
 //! vs a bare `StreamConsumer`, timed from subscribe including the group join.
-//! Courier's default settings, 100-byte values, keyed messages.
+//! Courier's default settings, 100-byte incompressible values, keyed messages.
 //!
 //! `cargo bench -p courier --features kafka --bench kafka` (BENCH_N messages, default
 //! 500000; BENCH_ROUNDS rounds, default 2).
@@ -15,6 +15,7 @@ use courier::{Client, Config, Delivery, Error, Message, TopicSpec};
 use futures::StreamExt;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
 const PARTITIONS: u32 = 4;
@@ -33,12 +34,12 @@ fn unique(prefix: &str) -> String {
     format!("{prefix}-{nanos}")
 }
 
-async fn courier_produce(client: &Client, topic: &str, n: usize, value: &[u8]) -> Duration {
+async fn courier_produce(client: &Client, topic: &str, n: usize) -> Duration {
     let producer = client.producer();
     let start = Instant::now();
     let mut handles = Vec::with_capacity(n);
     for i in 0..n {
-        let m = Message::new(topic, value.to_vec()).key(format!("k{}", i % 1000));
+        let m = Message::new(topic, value(i)).key(format!("k{}", i % 1000));
         handles.push(producer.send(m));
     }
     for h in handles {
@@ -47,7 +48,7 @@ async fn courier_produce(client: &Client, topic: &str, n: usize, value: &[u8]) -
     start.elapsed()
 }
 
-async fn bare_produce(config: &Config, topic: &str, n: usize, value: &[u8]) -> Duration {
+async fn bare_produce(config: &Config, topic: &str, n: usize, with_id: bool) -> Duration {
     let producer: FutureProducer = courier_kafka::config::producer(config)
         .expect("config")
         .create()
@@ -56,7 +57,16 @@ async fn bare_produce(config: &Config, topic: &str, n: usize, value: &[u8]) -> D
     let mut futures = Vec::with_capacity(n);
     for i in 0..n {
         let key = format!("k{}", i % 1000);
-        let mut record = FutureRecord::to(topic).payload(value).key(key.as_bytes());
+        let v = value(i);
+        let mut record = FutureRecord::to(topic).payload(&v).key(key.as_bytes());
+        if with_id {
+            // What Courier adds to every record: its message id header.
+            let id = format!("{:026}", i);
+            record = record.headers(OwnedHeaders::new().insert(Header {
+                key: "x-message-id",
+                value: Some(id.as_bytes()),
+            }));
+        }
         loop {
             match producer.send_result(record) {
                 Ok(f) => {
@@ -143,8 +153,41 @@ async fn bare_consume(config: &Config, topic: &str, n: usize) -> (Duration, Dura
     (total, first.map_or(total, |t| t.elapsed()))
 }
 
+/// 100 incompressible bytes for message `i` (xorshift), so lz4 does not flatter
+/// either side; both producers pay the same for it.
+fn value(i: usize) -> Vec<u8> {
+    let mut x = (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..100)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
 fn rate(n: usize, d: Duration) -> f64 {
     n as f64 / d.as_secs_f64()
+}
+
+/// CPU seconds (user + system) this process used so far, all threads included
+/// (librdkafka's too). On a shared machine, CPU per message compares the two sides
+/// more steadily than wall-clock rates.
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let after = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks: f64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0)
+        + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    ticks / 100.0
+}
+
+/// Runs `f`, returning its result and the CPU µs per message it used.
+async fn with_cpu<T>(n: usize, f: impl std::future::Future<Output = T>) -> (T, f64) {
+    let c0 = cpu_seconds();
+    let out = f.await;
+    (out, (cpu_seconds() - c0) * 1e6 / n as f64)
 }
 
 #[tokio::main]
@@ -155,33 +198,37 @@ async fn main() {
         std::env::var("COURIER_KAFKA_URL").unwrap_or_else(|_| "kafka://127.0.0.1:9092".into());
     let config = Config::with_url(url);
     let client = Client::connect_with(config.clone()).await.expect("connect");
-    let value = vec![b'x'; 100];
     println!("kafka bench: {n} messages of 100 bytes, {PARTITIONS} partitions, Courier defaults (acks=1, linger.ms=5, batch.size=16384, lz4, session.timeout.ms={})", config.consumer.session_timeout_ms);
     let (mut ours_p, mut bare_p, mut ours_c, mut bare_c) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let (mut ours_cf, mut bare_cf) = (Vec::new(), Vec::new());
+    let mut bare_id_p = Vec::new();
     for round in 0..rounds {
         let t_ours = unique("bench-ours");
         let t_bare = unique("bench-bare");
-        for t in [&t_ours, &t_bare] {
+        let t_bare_id = unique("bench-bare-id");
+        for t in [&t_ours, &t_bare, &t_bare_id] {
             client
                 .admin()
                 .create_topic(TopicSpec::new(t, PARTITIONS))
                 .await
                 .expect("create");
         }
-        let b = bare_produce(&config, &t_bare, n, &value).await;
-        let o = courier_produce(&client, &t_ours, n, &value).await;
+        let (b, b_cpu) = with_cpu(n, bare_produce(&config, &t_bare, n, false)).await;
+        let (o, o_cpu) = with_cpu(n, courier_produce(&client, &t_ours, n)).await;
+        let (bi, bi_cpu) = with_cpu(n, bare_produce(&config, &t_bare_id, n, true)).await;
+        println!("round {round}: produce CPU µs/msg: courier {o_cpu:.2}  bare {b_cpu:.2}  bare + id header {bi_cpu:.2}");
         println!(
-            "round {round}: produce  courier {:>9.0} msg/s   bare FutureProducer {:>9.0} msg/s",
-            rate(n, o),
-            rate(n, b)
+            "round {round}: produce  courier {:>9.0} msg/s   bare FutureProducer {:>9.0} msg/s   bare + x-message-id header {:>9.0} msg/s",
+            rate(n, o), rate(n, b), rate(n, bi)
         );
+        bare_id_p.push(rate(n, bi));
         ours_p.push(rate(n, o));
         bare_p.push(rate(n, b));
         // Each consumer reads the topic the other producer wrote (same content).
-        let (bt, bf) = bare_consume(&config, &t_ours, n).await;
-        let (ot, of) = courier_consume(&client, &t_bare, n).await;
+        let ((bt, bf), bc_cpu) = with_cpu(n, bare_consume(&config, &t_ours, n)).await;
+        let ((ot, of), oc_cpu) = with_cpu(n, courier_consume(&client, &t_bare, n)).await;
+        println!("round {round}: consume CPU µs/msg: courier {oc_cpu:.2}  bare {bc_cpu:.2}");
         println!(
             "round {round}: consume  courier {:>9.0} msg/s ({:.2} s incl. join; {:>9.0} msg/s after first)   bare StreamConsumer {:>9.0} msg/s ({:.2} s incl. join; {:>9.0} msg/s after first)",
             rate(n, ot), ot.as_secs_f64(), rate(n, of), rate(n, bt), bt.as_secs_f64(), rate(n, bf)
@@ -190,7 +237,7 @@ async fn main() {
         bare_c.push(rate(n, bt));
         ours_cf.push(rate(n, of));
         bare_cf.push(rate(n, bf));
-        for t in [&t_ours, &t_bare] {
+        for t in [&t_ours, &t_bare, &t_bare_id] {
             let _ = client.admin().delete_topic(t).await;
         }
     }
@@ -199,6 +246,11 @@ async fn main() {
     println!("|---|---|---|---|");
     for (what, o, b) in [
         ("produce (best of rounds)", best(&ours_p), best(&bare_p)),
+        (
+            "produce vs bare with the same id header (best)",
+            best(&ours_p),
+            best(&bare_id_p),
+        ),
         (
             "consume incl. group join (best)",
             best(&ours_c),
