@@ -285,15 +285,14 @@ fn commit_list(parts: &mut HashMap<Tp, Part>, only: Option<&[Tp]>) -> Option<Top
         if only.is_some_and(|o| !o.contains(tp)) {
             continue;
         }
-        if let Some(pos) = p.committable() {
-            if pos > p.committed {
-                if tpl
-                    .add_partition_offset(&tp.0, tp.1, Offset::Offset(pos))
-                    .is_ok()
-                {
-                    p.committed = pos;
-                }
-            }
+        let Some(pos) = p.committable().filter(|pos| *pos > p.committed) else {
+            continue;
+        };
+        if tpl
+            .add_partition_offset(&tp.0, tp.1, Offset::Offset(pos))
+            .is_ok()
+        {
+            p.committed = pos;
         }
     }
     (tpl.count() > 0).then_some(tpl)
