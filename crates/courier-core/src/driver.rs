@@ -126,9 +126,10 @@ pub trait Subscription: Send {
     async fn close(&mut self) -> Result<()>;
 }
 
-/// Topic settings for creation (SPEC A1).
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
+/// Topic settings for creation (SPEC A1). Missing fields deserialize to one
+/// partition, replication factor 1 and backend defaults.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
 pub struct TopicSpec {
     /// Topic name.
     pub name: String,
@@ -146,13 +147,26 @@ pub struct TopicSpec {
     pub config: BTreeMap<String, String>,
 }
 
+impl Default for TopicSpec {
+    fn default() -> Self {
+        Self {
+            name: String::new(),
+            partitions: 1,
+            replication_factor: 1,
+            retention_ms: None,
+            retention_bytes: None,
+            max_message_size: None,
+            config: BTreeMap::new(),
+        }
+    }
+}
+
 impl TopicSpec {
     /// A topic with `partitions` partitions and defaults otherwise.
     pub fn new(name: impl Into<String>, partitions: u32) -> Self {
         Self {
             name: name.into(),
             partitions,
-            replication_factor: 1,
             ..Default::default()
         }
     }

@@ -95,14 +95,18 @@ impl<S: LogStore> Driver for LogDriver<S> {
         // Keyless records of one batch stick to one partition (Kafka's sticky
         // partitioner): bigger appends, still spread across batches.
         let sticky = self.shared.sticky.fetch_add(1, Ordering::Relaxed);
-        let mut groups: BTreeMap<(String, u32), Vec<(usize, Record)>> = BTreeMap::new();
-        let mut topics: BTreeMap<String, Arc<Topic<S::Partition>>> = BTreeMap::new();
+        // Batches almost always name one topic: a linear scan beats hashing strings.
+        let mut topics: Vec<Arc<Topic<S::Partition>>> = Vec::new();
+        let mut groups: BTreeMap<(usize, u32), Vec<(usize, Record)>> = BTreeMap::new();
         for (i, r) in batch.into_iter().enumerate() {
-            if !topics.contains_key(&r.topic) {
-                let t = self.shared.topic_or_create(&r.topic).await?;
-                topics.insert(r.topic.clone(), t);
-            }
-            let n = topics[&r.topic].partitions.len() as u32;
+            let t = match topics.iter().position(|t| t.spec.name == r.topic) {
+                Some(t) => t,
+                None => {
+                    topics.push(self.shared.topic_or_create(&r.topic).await?);
+                    topics.len() - 1
+                }
+            };
+            let n = topics[t].partitions.len() as u32;
             let p = match (r.partition, &r.key) {
                 (Some(p), _) if p < n => p,
                 (Some(p), _) => {
@@ -114,10 +118,11 @@ impl<S: LogStore> Driver for LogDriver<S> {
                 (None, Some(k)) => partition_for_key(k, n),
                 (None, None) => sticky % n,
             };
-            groups.entry((r.topic.clone(), p)).or_default().push((i, r));
+            groups.entry((t, p)).or_default().push((i, r));
         }
-        let appends = groups.into_iter().map(|((topic, p), items)| {
-            let log = topics[&topic].partitions[p as usize].clone();
+        let appends = groups.into_iter().map(|((t, p), items)| {
+            let log = topics[t].partitions[p as usize].clone();
+            let topic = topics[t].spec.name.clone();
             async move {
                 let (idx, records): (Vec<usize>, Vec<Record>) = items.into_iter().unzip();
                 let meta: Vec<(String, i64)> = records

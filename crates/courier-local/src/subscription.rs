@@ -38,9 +38,43 @@ struct Cursor {
     attempts: HashMap<u64, u32>,
 }
 
+/// Cursors by topic, then partition: acks look up by `&str` without allocating.
+#[derive(Default)]
+struct Cursors(HashMap<Arc<str>, HashMap<u32, Cursor>>);
+
+impl Cursors {
+    fn get(&self, tp: &TopicPartition) -> Option<&Cursor> {
+        self.0.get(tp.topic.as_str())?.get(&tp.partition)
+    }
+
+    fn get_mut(&mut self, topic: &str, partition: u32) -> Option<&mut Cursor> {
+        self.0.get_mut(topic)?.get_mut(&partition)
+    }
+
+    fn insert(&mut self, topic: Arc<str>, partition: u32, c: Cursor) {
+        self.0.entry(topic).or_default().insert(partition, c);
+    }
+
+    fn remove(&mut self, tp: &TopicPartition) {
+        if let Some(m) = self.0.get_mut(tp.topic.as_str()) {
+            m.remove(&tp.partition);
+            if m.is_empty() {
+                self.0.remove(tp.topic.as_str());
+            }
+        }
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (TopicPartition, &Cursor)> {
+        self.0.iter().flat_map(|(t, m)| {
+            m.iter()
+                .map(move |(p, c)| (TopicPartition::new(&**t, *p), c))
+        })
+    }
+}
+
 /// Shared between the subscription and the ack handles it gave out.
 pub(crate) struct MemberAcks {
-    cursors: Mutex<HashMap<TopicPartition, Cursor>>,
+    cursors: Mutex<Cursors>,
     /// Woken on every settle while a partition is being handed over, and on nack.
     settled: Notify,
     revoking: AtomicUsize,
@@ -49,8 +83,7 @@ pub(crate) struct MemberAcks {
 impl MemberAcks {
     fn with_cursor<R>(&self, token: &AckToken, f: impl FnOnce(&mut Cursor) -> R) -> Option<R> {
         let mut cursors = self.cursors.lock();
-        let tp = TopicPartition::new(&*token.topic, token.partition);
-        match cursors.get_mut(&tp) {
+        match cursors.get_mut(&token.topic, token.partition) {
             Some(c) if c.epoch == token.epoch => Some(f(c)),
             _ => None,
         }
@@ -131,7 +164,7 @@ impl<S: LogStore> LocalSubscription<S> {
             spec,
             assignment,
             acks: Arc::new(MemberAcks {
-                cursors: Mutex::new(HashMap::new()),
+                cursors: Mutex::new(Cursors::default()),
                 settled: Notify::new(),
                 revoking: AtomicUsize::new(0),
             }),
@@ -222,8 +255,10 @@ impl<S: LogStore> LocalSubscription<S> {
                     OffsetReset::Latest => log.end_offset(),
                 },
             };
+            let topic: Arc<str> = Arc::from(tp.topic.as_str());
             self.acks.cursors.lock().insert(
-                tp.clone(),
+                topic.clone(),
+                tp.partition,
                 Cursor {
                     next_fetch: start,
                     settled_upto: start,
@@ -234,11 +269,7 @@ impl<S: LogStore> LocalSubscription<S> {
                     attempts: HashMap::new(),
                 },
             );
-            self.owned.push(Owned {
-                topic: Arc::from(tp.topic.as_str()),
-                tp,
-                log,
-            });
+            self.owned.push(Owned { topic, tp, log });
         }
         self.pending = still;
         Ok(())
@@ -253,7 +284,7 @@ impl<S: LogStore> LocalSubscription<S> {
                 .filter(|(tp, c)| {
                     c.settled_upto > c.committed && only.is_none_or(|o| o.contains(tp))
                 })
-                .map(|(tp, c)| (tp.clone(), c.settled_upto))
+                .map(|(tp, c)| (tp, c.settled_upto))
                 .collect()
         };
         self.last_commit = Instant::now();
@@ -266,7 +297,7 @@ impl<S: LogStore> LocalSubscription<S> {
             .await?;
         let mut cursors = self.acks.cursors.lock();
         for (tp, o) in updates {
-            if let Some(c) = cursors.get_mut(&tp) {
+            if let Some(c) = cursors.get_mut(&tp.topic, tp.partition) {
                 c.committed = c.committed.max(o);
             }
         }
@@ -291,7 +322,7 @@ impl<S: LogStore> LocalSubscription<S> {
             let o = &self.owned[(self.rotate + i) % n];
             let (from, epoch) = {
                 let mut cursors = self.acks.cursors.lock();
-                let Some(c) = cursors.get_mut(&o.tp) else {
+                let Some(c) = cursors.get_mut(&o.topic, o.tp.partition) else {
                     continue;
                 };
                 if let Some(until) = c.paused_until {
@@ -313,7 +344,7 @@ impl<S: LogStore> LocalSubscription<S> {
             let next = last.offset + 1;
             let attempts = {
                 let mut cursors = self.acks.cursors.lock();
-                let Some(c) = cursors.get_mut(&o.tp) else {
+                let Some(c) = cursors.get_mut(&o.topic, o.tp.partition) else {
                     continue;
                 };
                 if c.epoch != epoch {

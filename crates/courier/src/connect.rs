@@ -8,7 +8,7 @@ use courier_local::{MemoryDriver, MemoryStore};
 /// URL schemes this build can connect to.
 pub fn supported_schemes() -> Vec<&'static str> {
     #[allow(unused_mut)]
-    let mut s = vec!["memory"];
+    let mut s = vec!["file", "memory"];
     #[cfg(feature = "kafka")]
     s.push("kafka");
     s
@@ -27,6 +27,7 @@ pub(crate) async fn connect_driver(config: &Config) -> Result<Arc<dyn Driver>> {
     let url = config.url_or_default();
     let (scheme, rest) = split_url(url)?;
     match scheme {
+        "file" => courier_file::connect(rest, config).await,
         "memory" => {
             let name = rest.trim_end_matches('/');
             let name = if name.is_empty() { "default" } else { name };

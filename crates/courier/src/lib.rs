@@ -16,6 +16,11 @@
 //! # }
 //! ```
 
+/// The README's code blocks, compiled as doc-tests so the README never lies.
+#[doc = include_str!("../../../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;
+
 mod client;
 mod connect;
 mod consumer;

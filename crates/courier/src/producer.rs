@@ -207,7 +207,9 @@ async fn run_flusher(inner: Arc<Inner>) {
                 }
                 None
             } else {
-                Some(std::mem::take(&mut q.items))
+                // Keep the capacity: the next burst is likely as large as this one.
+                let cap = q.items.len();
+                Some(std::mem::replace(&mut q.items, Vec::with_capacity(cap)))
             }
         };
         let Some(items) = items else {
@@ -258,7 +260,7 @@ async fn dispatch(
     let driver = inner.driver.clone();
     let job = async move {
         let (records, txs): (Vec<Record>, Vec<_>) = batch.into_iter().unzip();
-        let topics: Vec<String> = records.iter().map(|r| r.topic.clone()).collect();
+        let topics = TopicRuns::of(&records);
         match driver.publish(records).await {
             Ok(receipts) if receipts.len() == txs.len() => {
                 for (tx, r) in txs.into_iter().zip(receipts) {
@@ -271,22 +273,11 @@ async fn dispatch(
                     receipts.len(),
                     txs.len()
                 );
-                for (tx, topic) in txs.into_iter().zip(topics) {
-                    let _ = tx.send(Err(Error::SendFailed {
-                        topic,
-                        source: msg.clone().into(),
-                    }));
-                }
+                topics.fail(txs, &msg);
             }
             Err(e) => {
                 tracing::warn!(error = %e, "publish failed");
-                let msg = e.to_string();
-                for (tx, topic) in txs.into_iter().zip(topics) {
-                    let _ = tx.send(Err(Error::SendFailed {
-                        topic,
-                        source: msg.clone().into(),
-                    }));
-                }
+                topics.fail(txs, &e.to_string());
             }
         }
         drop(permit);
@@ -300,6 +291,36 @@ async fn dispatch(
         let mut job = Box::pin(job);
         if futures::poll!(&mut job).is_pending() {
             tokio::spawn(job);
+        }
+    }
+}
+
+/// The topics of a batch as runs `(first index, topic)`, kept so failures can name
+/// each message's topic without cloning a string per message on the happy path.
+struct TopicRuns(Vec<(usize, String)>);
+
+impl TopicRuns {
+    fn of(records: &[Record]) -> Self {
+        let mut runs: Vec<(usize, String)> = Vec::new();
+        for (i, r) in records.iter().enumerate() {
+            if runs.last().is_none_or(|(_, t)| *t != r.topic) {
+                runs.push((i, r.topic.clone()));
+            }
+        }
+        Self(runs)
+    }
+
+    fn fail(&self, txs: Vec<oneshot::Sender<Result<Receipt>>>, msg: &str) {
+        for (i, tx) in txs.into_iter().enumerate() {
+            let run = self
+                .0
+                .partition_point(|(start, _)| *start <= i)
+                .saturating_sub(1);
+            let topic = self.0.get(run).map(|(_, t)| t.clone()).unwrap_or_default();
+            let _ = tx.send(Err(Error::SendFailed {
+                topic,
+                source: msg.to_string().into(),
+            }));
         }
     }
 }

@@ -20,10 +20,14 @@ pub fn validate_topic(topic: &str) -> Result<()> {
     if topic == "." || topic == ".." {
         return Err(invalid("'.' and '..' are reserved"));
     }
-    if let Some(c) = topic
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    if !topic
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
     {
+        let c = topic
+            .chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+            .unwrap_or('?');
         return Err(invalid(&format!(
             "character {c:?} not allowed (use A-Z a-z 0-9 . _ -)"
         )));
