@@ -96,10 +96,10 @@ pub fn producer(config: &Config) -> Result<ClientConfig> {
             "queue.buffering.max.messages",
             p.max_buffered.clamp(1, 10_000_000).to_string(),
         );
-    if p.retry_max == 0 || p.acks != Acks::All {
-        // Without idempotence, retries could reorder batches in flight.
-        c.set("max.in.flight.requests.per.connection", "5");
-    }
+    // Per-partition order across requests in flight: guaranteed with idempotence
+    // (librdkafka allows at most 5 then); without it, a retry could still reorder
+    // (set `max.in.flight.requests.per.connection=1` in `backend` to rule that out).
+    c.set("max.in.flight.requests.per.connection", "5");
     passthrough(&mut c, config, &[]);
     Ok(c)
 }
