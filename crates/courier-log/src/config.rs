@@ -66,8 +66,9 @@ impl TopicConfig {
         if self.partitions == 0 {
             return bad("partitions must be > 0");
         }
-        if self.segment_bytes < 1024 || self.segment_bytes > u64::from(u32::MAX) {
-            return bad("segment_bytes must be in 1 KiB ..= 4 GiB");
+        // Index positions are u32 and a segment may overshoot by one batch (<= 1 GiB).
+        if self.segment_bytes < 1024 || self.segment_bytes > 1 << 31 {
+            return bad("segment_bytes must be in 1 KiB ..= 2 GiB");
         }
         if self.max_message_bytes == 0 || self.max_message_bytes > 256 * 1024 * 1024 {
             return bad("max_message_bytes must be in 1 ..= 256 MiB");

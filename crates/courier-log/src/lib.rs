@@ -19,6 +19,8 @@
 //! DIR/topics/NAME/P/<base>.timeindex
 //! ```
 
+#![deny(missing_docs)]
+
 pub mod codec;
 mod config;
 mod error;

@@ -82,8 +82,12 @@ impl Drop for Shared {
                     if let Err(e) = p.flush(true) {
                         tracing::warn!(error = %e, "flush on close failed");
                     }
-                } else if let Some(s) = read_lock(&p.segments).last() {
-                    s.write_indexes(&p.dir);
+                }
+                if let Some(s) = read_lock(&p.segments).last() {
+                    if !sync {
+                        s.write_indexes(&p.dir);
+                    }
+                    s.release_preallocation();
                 }
             }
         }
@@ -232,6 +236,13 @@ impl Log {
                 if validate_topic_name(&name).is_err() || !path.is_dir() {
                     continue;
                 }
+                if !path.join(META_FILE).exists() {
+                    // create_topic writes the metadata file last, so this is a
+                    // create that crashed half way: nothing was acknowledged.
+                    tracing::warn!(topic = %name, "removing incompletely created topic");
+                    std::fs::remove_dir_all(&path).ctx(&path)?;
+                    continue;
+                }
                 let config = read_meta(&path)?;
                 topics.insert(
                     name.clone(),
@@ -319,6 +330,8 @@ impl Log {
                 p.deleted.store(true, Ordering::Release);
                 // Hold the writer lock so no append is mid-write while we move the dir.
                 drop(p.lock_writer());
+                // Wake wait_for() callers so they observe the deletion.
+                p.end.send_modify(|_| {});
             }
             let tomb = shared
                 .root
@@ -446,6 +459,14 @@ impl Log {
             db: self.shared.db.clone(),
             _log: self.shared.clone(),
         }
+    }
+
+    /// Graceful shutdown: `fdatasync` every partition and write all indexes,
+    /// reporting errors (dropping the last handle does the same silently).
+    /// The lock is released once this and every other handle of the log
+    /// (`Partition`, `Offsets`, `Kv`) are dropped.
+    pub async fn close(self) -> Result<()> {
+        self.flush().await
     }
 
     /// `fdatasync` every partition and write all active indexes.

@@ -119,6 +119,7 @@ impl PartitionInner {
             sync_dir(&dir)?;
         }
         let active = segments[segments.len() - 1].clone();
+        active.preallocate(read_lock(&config).segment_bytes);
         let start = segments[0].base;
         let next_offset = active.next_offset.load(Ordering::Acquire);
         let written = active.len.load(Ordering::Acquire);
@@ -504,11 +505,19 @@ impl Partition {
     }
 
     /// Resolve once `end_offset() > offset` (push notification, no polling);
-    /// returns the new end offset. Errors if the topic is deleted meanwhile.
+    /// returns the new end offset. Errors with `TopicNotFound` if the topic is
+    /// deleted meanwhile.
     pub async fn wait_for(&self, offset: u64) -> Result<u64> {
         let mut rx = self.inner.end.subscribe();
-        let r = rx.wait_for(|&e| e > offset).await.map(|v| *v);
+        let deleted = &self.inner.deleted;
+        let r = rx
+            .wait_for(|&e| e > offset || deleted.load(Ordering::Acquire))
+            .await
+            .map(|v| *v);
         match r {
+            Ok(_) if deleted.load(Ordering::Acquire) => {
+                Err(LogError::TopicNotFound(self.inner.topic.clone()))
+            }
             Ok(e) => Ok(e),
             Err(_) => Err(LogError::Closed),
         }

@@ -9,6 +9,7 @@
 use std::io::{IoSlice, Write};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::codec::{self, PendingBatch};
@@ -36,6 +37,8 @@ impl WriterHandle {
 
 /// Most requests handled in one drain; bounds latency of the first waiter.
 const MAX_DRAIN: usize = 4096;
+/// Upper bound on waiting for more appends before a group-commit sync.
+const MAX_LINGER: Duration = Duration::from_micros(500);
 
 pub(crate) fn spawn(queue: usize) -> Result<(WriterHandle, std::thread::JoinHandle<()>)> {
     let (tx, rx) = mpsc::channel(queue.max(1));
@@ -49,17 +52,35 @@ pub(crate) fn spawn(queue: usize) -> Result<(WriterHandle, std::thread::JoinHand
     Ok((WriterHandle { tx }, h))
 }
 
+fn drain(rx: &mut mpsc::Receiver<AppendRequest>, reqs: &mut Vec<AppendRequest>) {
+    while reqs.len() < MAX_DRAIN {
+        match rx.try_recv() {
+            Ok(r) => reqs.push(r),
+            Err(_) => break,
+        }
+    }
+}
+
 fn run(mut rx: mpsc::Receiver<AppendRequest>) {
     let mut reqs = Vec::with_capacity(MAX_DRAIN);
+    // Size and sync time of the previous round that ended in an fdatasync.
+    let mut prev: Option<(usize, Duration)> = None;
     while let Some(first) = rx.blocking_recv() {
         reqs.push(first);
-        while reqs.len() < MAX_DRAIN {
-            match rx.try_recv() {
-                Ok(r) => reqs.push(r),
-                Err(_) => break,
+        drain(&mut rx, &mut reqs);
+        // Waiters of the last sync round are still waking up and re-sending;
+        // starting the next sync now would split them into two half-full
+        // rounds forever. Linger briefly (bounded by a fraction of the sync
+        // time, so it never costs more than it can save) to re-gather them.
+        if let Some((n, sync_time)) = prev {
+            let deadline = Instant::now() + (sync_time / 4).min(MAX_LINGER);
+            while reqs.len() < n && reqs.len() < MAX_DRAIN && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_micros(20));
+                drain(&mut rx, &mut reqs);
             }
         }
-        process(&mut reqs);
+        let n = reqs.len();
+        prev = process(&mut reqs).map(|t| (n, t));
     }
     tracing::debug!("writer thread exiting");
 }
@@ -72,7 +93,8 @@ struct Group {
     sync: Option<Arc<Segment>>,
 }
 
-fn process(reqs: &mut Vec<AppendRequest>) {
+/// Handle one drained round; returns how long its fdatasync took, if it had one.
+fn process(reqs: &mut Vec<AppendRequest>) -> Option<Duration> {
     let mut groups: Vec<Group> = Vec::new();
     for r in reqs.drain(..) {
         match groups.iter_mut().find(|g| Arc::ptr_eq(&g.part, &r.part)) {
@@ -99,17 +121,25 @@ fn process(reqs: &mut Vec<AppendRequest>) {
             g.error = Some(e);
         }
     }
-    // One sync per touched file, after all writes: the group commit.
-    for g in &mut groups {
-        if let (Some(seg), None) = (&g.sync, &g.error) {
-            if let Err(e) = seg.file.sync_data() {
-                tracing::error!(path = %seg.log_path.display(), error = %e, "fdatasync failed");
-                g.error = Some(LogError::Io {
-                    path: seg.log_path.clone(),
-                    source: e,
-                });
-            }
-        }
+    // One sync per touched file, after all writes: the group commit. Files
+    // are synced in parallel so the filesystem can merge the journal commits
+    // of different partitions instead of paying for them one after another.
+    let to_sync: Vec<(usize, Arc<Segment>)> = groups
+        .iter()
+        .enumerate()
+        .filter(|(_, g)| g.error.is_none())
+        .filter_map(|(i, g)| g.sync.clone().map(|s| (i, s)))
+        .collect();
+    let sync_started = Instant::now();
+    let failures = sync_all(&to_sync);
+    let sync_time = (!to_sync.is_empty()).then(|| sync_started.elapsed());
+    for (i, e) in failures {
+        let seg = &to_sync[i].1;
+        tracing::error!(path = %seg.log_path.display(), error = %e, "fdatasync failed");
+        groups[to_sync[i].0].error = Some(LogError::Io {
+            path: seg.log_path.clone(),
+            source: e,
+        });
     }
     for g in groups {
         if g.error.is_none() {
@@ -127,6 +157,40 @@ fn process(reqs: &mut Vec<AppendRequest>) {
                 }
             }
         }
+    }
+    sync_time
+}
+
+/// `fdatasync` every segment, in parallel when there are several; returns the
+/// failures as `(index into segs, error)`.
+fn sync_all(segs: &[(usize, Arc<Segment>)]) -> Vec<(usize, std::io::Error)> {
+    match segs {
+        [] => Vec::new(),
+        [(_, one)] => one
+            .file
+            .sync_data()
+            .err()
+            .map(|e| (0, e))
+            .into_iter()
+            .collect(),
+        many => std::thread::scope(|scope| {
+            let handles: Vec<_> = many[1..]
+                .iter()
+                .map(|(_, s)| scope.spawn(move || s.file.sync_data()))
+                .collect();
+            let mut out = Vec::new();
+            if let Err(e) = many[0].1.file.sync_data() {
+                out.push((0, e));
+            }
+            for (i, h) in handles.into_iter().enumerate() {
+                match h.join() {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => out.push((i + 1, e)),
+                    Err(_) => out.push((i + 1, std::io::Error::other("sync thread panicked"))),
+                }
+            }
+            out
+        }),
     }
 }
 
@@ -156,11 +220,11 @@ fn clone_err(e: &LogError) -> LogError {
             source: std::io::Error::new(source.kind(), source.to_string()),
         },
         LogError::TopicNotFound(t) => LogError::TopicNotFound(t.clone()),
-        other => LogError::Corrupt {
+        LogError::InvalidConfig(s) => LogError::InvalidConfig(s.clone()),
+        // write_group produces only the variants above; keep the message.
+        other => LogError::Io {
             path: Default::default(),
-            offset: 0,
-            reason: other.to_string(),
-            resume_at: None,
+            source: std::io::Error::other(other.to_string()),
         },
     }
 }
@@ -201,7 +265,7 @@ fn write_group(part: &PartitionInner, st: &mut WriterState, g: &mut Group) -> Re
         if too_big || too_old {
             write_all(&st.active, &g.reqs[start..i])?;
             start = i;
-            roll(part, st, cfg.fsync)?;
+            roll(part, st, cfg.fsync, cfg.segment_bytes)?;
         }
         if st.written == 0 {
             st.active.created_ms.store(now, Ordering::Relaxed);
@@ -271,7 +335,12 @@ fn write_all(seg: &Segment, reqs: &[AppendRequest]) -> Result<()> {
 }
 
 /// Seal the active segment and start a new one at the next offset.
-fn roll(part: &PartitionInner, st: &mut WriterState, policy: FsyncPolicy) -> Result<()> {
+fn roll(
+    part: &PartitionInner,
+    st: &mut WriterState,
+    policy: FsyncPolicy,
+    segment_bytes: u64,
+) -> Result<()> {
     let old = st.active.clone();
     old.len.store(st.written, Ordering::Release);
     old.next_offset.store(st.next_offset, Ordering::Release);
@@ -280,7 +349,9 @@ fn roll(part: &PartitionInner, st: &mut WriterState, policy: FsyncPolicy) -> Res
         old.file.sync_data().ctx(&old.log_path)?;
     }
     old.write_indexes(&part.dir);
+    old.release_preallocation();
     let new = Segment::create(&part.dir, st.next_offset)?;
+    new.preallocate(segment_bytes);
     if policy.syncs_on_roll() {
         sync_dir(&part.dir)?;
     }

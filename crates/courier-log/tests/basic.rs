@@ -100,6 +100,8 @@ async fn round_trip_and_restart() {
             part.read(end + 1, 10, 1000),
             Err(LogError::OffsetOutOfRange { .. })
         ));
+        drop(part);
+        log.close().await.expect("close");
     }
     // Restart: everything is still there and appends continue.
     let log = Log::open(dir.path(), opts()).await.expect("reopen");
@@ -166,7 +168,16 @@ async fn topic_admin() {
         .await
         .expect("update");
     let pb = log.partition("b", 0).expect("pb");
+    let waiter = {
+        let pb = pb.clone();
+        tokio::spawn(async move { pb.wait_for(0).await })
+    };
+    tokio::time::sleep(Duration::from_millis(10)).await;
     log.delete_topic("b").await.expect("delete");
+    assert!(matches!(
+        waiter.await.expect("join"),
+        Err(LogError::TopicNotFound(_))
+    ));
     assert!(matches!(
         pb.append(vec![Record::new("x")]).await,
         Err(LogError::TopicNotFound(_))
@@ -534,4 +545,62 @@ async fn readers_run_concurrently_with_writer() {
         .await
         .expect("reader finished")
         .expect("join");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn torn_tail_write_is_truncated() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let seg = dir.path().join("topics/t/0").join(format!("{:020}.log", 0));
+    {
+        let log = Log::open(dir.path(), opts()).await.expect("open");
+        log.create_topic("t", cfg(FsyncPolicy::Always))
+            .await
+            .expect("create");
+        let part = log.partition("t", 0).expect("p");
+        for i in 0..10 {
+            part.append(vec![rec(i, i as i64)]).await.expect("append");
+        }
+    }
+    // Simulate a crash in the middle of writing the 11th batch.
+    let full = courier_log::codec::encode_batch(10, &[rec(10, 10), rec(11, 11)]);
+    let good_len = std::fs::metadata(&seg).expect("meta").len();
+    {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&seg)
+            .expect("open seg");
+        f.write_all(&full[..full.len() / 2]).expect("write");
+    }
+    let log = Log::open(dir.path(), opts()).await.expect("reopen");
+    assert_eq!(std::fs::metadata(&seg).expect("meta").len(), good_len);
+    let part = log.partition("t", 0).expect("p");
+    assert_eq!(part.end_offset(), 10);
+    let r = part.append(vec![rec(10, 10)]).await.expect("append");
+    assert_eq!(r.base_offset, 10);
+    let got = read_all(&log, "t", 0).await;
+    assert_eq!(got.len(), 11);
+    assert!(got
+        .iter()
+        .all(|s| s.record == rec(s.offset, s.offset as i64)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_created_topic_is_cleaned_up() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    drop(Log::open(dir.path(), opts()).await.expect("open"));
+    // A crash during create_topic leaves a directory without metadata.
+    std::fs::create_dir_all(dir.path().join("topics/half/0")).expect("mkdir");
+    let log = Log::open(dir.path(), opts()).await.expect("reopen");
+    assert!(log.list_topics().is_empty());
+    log.create_topic("half", TopicConfig::default())
+        .await
+        .expect("create again");
+    // Damaged metadata is reported, never guessed at.
+    std::fs::write(dir.path().join("topics/half/topic.json"), b"{garbage").expect("write");
+    drop(log);
+    assert!(matches!(
+        Log::open(dir.path(), opts()).await,
+        Err(LogError::Metadata { .. })
+    ));
 }

@@ -199,7 +199,7 @@ async fn random_damage_is_survived() {
     let iterations: u64 = std::env::var("COURIER_LOG_CORRUPTION_ITERS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(400);
+        .unwrap_or(150);
     for seed in 0..iterations {
         one_iteration(seed).await;
     }

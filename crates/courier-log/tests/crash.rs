@@ -121,6 +121,7 @@ fn kill_9_loses_no_acknowledged_append() {
             }
         });
     }
+    eprintln!("{ITERATIONS} kills, {total_acked} acknowledged records verified");
     assert!(
         total_acked > 100,
         "the writer made too little progress: {total_acked}"
