@@ -91,6 +91,14 @@ start_tansu() {
   log "kafka (tansu): started"
 }
 
+# kafka-python (+ lz4, the codec Courier's producer uses) for the kafka:// interop test.
+ensure_kafka_python() {
+  [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
+  "$VENV/bin/python" -c 'import kafka, lz4' 2>/dev/null && return
+  log "kafka: installing kafka-python and lz4 into $VENV"
+  "$VENV/bin/pip" install -q kafka-python lz4
+}
+
 stop_pid() { # name
   local f="$RUN/$1.pid"
   if [ -f "$f" ]; then
@@ -107,6 +115,7 @@ case "${1:-start}" in
     start_nats
     start_rabbitmq
     start_tansu
+    ensure_kafka_python
     ;;
   stop)
     stop_pid tansu

@@ -9,6 +9,8 @@ use courier_local::{MemoryDriver, MemoryStore};
 pub fn supported_schemes() -> Vec<&'static str> {
     #[allow(unused_mut)]
     let mut s = vec!["file", "memory"];
+    #[cfg(feature = "kafka")]
+    s.push("kafka");
     s
 }
 
@@ -34,6 +36,10 @@ pub(crate) async fn connect_driver(config: &Config) -> Result<Arc<dyn Driver>> {
                 config.default_partitions,
             )))
         }
+        #[cfg(feature = "kafka")]
+        "kafka" => Ok(Arc::new(
+            courier_kafka::KafkaDriver::connect(config.clone()).await?,
+        )),
         other => Err(Error::UnsupportedBackend {
             scheme: other.to_string(),
             supported: supported_schemes(),

@@ -285,7 +285,13 @@ async fn dispatch(
     if inner.driver.capabilities().max_in_flight_publishes <= 1 {
         job.await;
     } else {
-        tokio::spawn(job);
+        // Polled once here, in dispatch order, so the driver takes its place in line
+        // (e.g. enqueues into its client) before a later batch can overtake it: spawned
+        // tasks run in no fixed order, which would break per-key order.
+        let mut job = Box::pin(job);
+        if futures::poll!(&mut job).is_pending() {
+            tokio::spawn(job);
+        }
     }
 }
 
