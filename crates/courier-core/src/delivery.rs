@@ -165,6 +165,23 @@ impl Delivery {
         }
     }
 
+    /// A copy of the message without the right to settle it (the pipeline keeps one
+    /// to retry or dead-letter after the handler consumed the original).
+    pub fn clone_message(&self) -> Delivery {
+        Delivery {
+            topic: self.topic.clone(),
+            partition: self.partition,
+            offset: self.offset,
+            key: self.key.clone(),
+            value: self.value.clone(),
+            headers: self.headers.clone(),
+            id: self.id.clone(),
+            timestamp: self.timestamp,
+            attempt: self.attempt,
+            ack: None,
+        }
+    }
+
     /// Takes the settle handle out, leaving a plain message (what the consumer
     /// runtime does before calling a handler).
     pub fn take_ack(&mut self) -> Option<AckHandle> {

@@ -15,7 +15,9 @@ use tokio_util::task::TaskTracker;
 
 use crate::connect::connect_driver;
 use crate::consumer::ConsumerBuilder;
+use crate::dead_letters::DeadLetters;
 use crate::producer::Producer;
+use crate::stats::{Registry, StatsSnapshot};
 use crate::validate::{validate_group, validate_topic};
 
 struct Inner {
@@ -24,6 +26,7 @@ struct Inner {
     shutdown: CancellationToken,
     consumers: TaskTracker,
     producers: Mutex<Vec<Producer>>,
+    stats: Arc<Registry>,
 }
 
 /// Entry point: one backend connection, chosen by URL. Cheap to clone.
@@ -57,6 +60,7 @@ impl Client {
                 shutdown: CancellationToken::new(),
                 consumers: TaskTracker::new(),
                 producers: Mutex::new(Vec::new()),
+                stats: Arc::new(Registry::new()),
             }),
         }
     }
@@ -87,6 +91,7 @@ impl Client {
             self.inner.driver.clone(),
             self.inner.config.max_message_size,
             self.inner.config.producer.max_buffered,
+            self.inner.stats.clone(),
         );
         if self.inner.shutdown.is_cancelled() {
             // Refuse sends on a closed client without blocking the caller.
@@ -111,7 +116,27 @@ impl Client {
             self.inner.shutdown.clone(),
             self.inner.consumers.clone(),
             spec,
+            self.inner.stats.clone(),
         )
+    }
+
+    /// Counts and latencies of this client's producers and consumers since it was
+    /// created or [`reset_stats`](Self::reset_stats) was last called (SPEC O1). The
+    /// same numbers go to the `metrics` facade (see
+    /// [`install_prometheus_recorder`](crate::install_prometheus_recorder)).
+    pub fn stats(&self) -> StatsSnapshot {
+        self.inner.stats.snapshot()
+    }
+
+    /// Zeroes the counters behind [`stats`](Self::stats) (the `metrics` facade's
+    /// counters are monotonic and are not reset).
+    pub fn reset_stats(&self) {
+        self.inner.stats.reset();
+    }
+
+    /// Lists and re-drives dead letters (SPEC R3).
+    pub fn dead_letters(&self) -> DeadLetters {
+        DeadLetters::new(self.clone())
     }
 
     /// Admin operations (SPEC A1, A2) with input validation.

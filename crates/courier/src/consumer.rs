@@ -11,13 +11,18 @@ use courier_core::{
     BoxError, Delivery, Driver, Error, OffsetReset, Result, SubscribeSpec, Subscription,
     TopicPartition,
 };
-use futures::future::BoxFuture;
 use futures::FutureExt;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tower::{Layer, Service, ServiceExt};
 
+use crate::pipeline::{
+    Backoff, BoxedHandler, DeadLetterLayer, DecompressLayer, DedupLayer, DedupService, DedupStore,
+    Handler, HandlerFn, MetricsLayer, RetryLayer, TraceLayer,
+};
+use crate::stats::{GroupCounters, Registry};
 use crate::validate::{validate_group, validate_topic};
 
 /// Deliveries pulled from the driver per call.
@@ -26,8 +31,12 @@ const FETCH_MAX: usize = 512;
 const WORKER_QUEUE: usize = 4;
 
 /// What happens when a handler returns an error (SPEC R2).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub enum FailurePolicy {
+    /// The default: retry in place with backoff, then publish to the dead-letter
+    /// topic and commit. Nothing is dropped: if the dead-letter publish fails, the
+    /// message is not committed and comes back.
+    RetryThenDeadLetter(Backoff),
     /// Do not commit; the message comes back after `after` and blocks its partition
     /// until handled.
     Redeliver {
@@ -38,13 +47,21 @@ pub enum FailurePolicy {
 
 impl Default for FailurePolicy {
     fn default() -> Self {
-        FailurePolicy::Redeliver {
-            after: Duration::from_secs(1),
+        FailurePolicy::RetryThenDeadLetter(Backoff::default())
+    }
+}
+
+impl FailurePolicy {
+    /// How long an uncommitted message waits before it is delivered again.
+    fn redeliver_after(&self) -> Duration {
+        match self {
+            FailurePolicy::Redeliver { after } => *after,
+            FailurePolicy::RetryThenDeadLetter(b) => b.initial().max(Duration::from_millis(100)),
         }
     }
 }
 
-type Handler = Arc<dyn Fn(Delivery) -> BoxFuture<'static, Result<(), BoxError>> + Send + Sync>;
+type UserLayer = Arc<dyn Fn(BoxedHandler) -> BoxedHandler + Send + Sync>;
 
 /// Builds a consumer for one group. Made by [`Client::consumer`](crate::Client::consumer).
 pub struct ConsumerBuilder {
@@ -53,6 +70,11 @@ pub struct ConsumerBuilder {
     tracker: TaskTracker,
     spec: SubscribeSpec,
     policy: FailurePolicy,
+    registry: Arc<Registry>,
+    dead_letter: Option<String>,
+    dedup: Option<(Arc<dyn DedupStore>, Duration)>,
+    layers: Vec<UserLayer>,
+    bare: bool,
 }
 
 impl ConsumerBuilder {
@@ -61,6 +83,7 @@ impl ConsumerBuilder {
         shutdown: CancellationToken,
         tracker: TaskTracker,
         spec: SubscribeSpec,
+        registry: Arc<Registry>,
     ) -> Self {
         Self {
             driver,
@@ -68,6 +91,11 @@ impl ConsumerBuilder {
             tracker,
             spec,
             policy: FailurePolicy::default(),
+            registry,
+            dead_letter: None,
+            dedup: None,
+            layers: Vec::new(),
+            bare: false,
         }
     }
 
@@ -85,6 +113,52 @@ impl ConsumerBuilder {
     /// What to do when the handler fails.
     pub fn failure_policy(mut self, policy: FailurePolicy) -> Self {
         self.policy = policy;
+        self
+    }
+
+    /// Retry failed handlers in place with `backoff`, then dead-letter
+    /// (`FailurePolicy::RetryThenDeadLetter`).
+    pub fn retry(self, backoff: Backoff) -> Self {
+        self.failure_policy(FailurePolicy::RetryThenDeadLetter(backoff))
+    }
+
+    /// The dead-letter topic for exhausted messages (default `{topic}.dlq`, per
+    /// source topic). Created with one partition if missing.
+    pub fn dead_letter(mut self, topic: impl Into<String>) -> Self {
+        self.dead_letter = Some(topic.into());
+        self
+    }
+
+    /// Handles each message id at most once per `window` in this group (SPEC R4),
+    /// remembering ids in `store` ([`MemoryDedupStore`](crate::MemoryDedupStore) for
+    /// one process). A failed handling forgets the id again.
+    pub fn dedup(mut self, store: Arc<dyn DedupStore>, window: Duration) -> Self {
+        self.dedup = Some((store, window));
+        self
+    }
+
+    /// Wraps the handler in a `tower` layer (timeout, concurrency limit, rate limit,
+    /// your own). Layers sit inside the retry step, so a timeout applies per attempt
+    /// and a timed-out attempt is retried. The first layer added is the outermost.
+    pub fn layer<L>(mut self, layer: L) -> Self
+    where
+        L: Layer<BoxedHandler> + Send + Sync + 'static,
+        L::Service: Service<Delivery, Response = ()> + Clone + Send + Sync + 'static,
+        <L::Service as Service<Delivery>>::Error: Into<BoxError>,
+        <L::Service as Service<Delivery>>::Future: Send + 'static,
+    {
+        self.layers.push(Arc::new(move |inner: BoxedHandler| {
+            BoxedHandler::new(layer.layer(inner).map_err(Into::into))
+        }));
+        self
+    }
+
+    /// Runs the handler with no middleware at all — no retry, dead letters, tracing,
+    /// metrics, dedup or decompression; a failure is redelivered (`Redeliver`
+    /// policy). For measuring the pipeline and for handlers that do all of it
+    /// themselves.
+    pub fn bare(mut self) -> Self {
+        self.bare = true;
         self
     }
 
@@ -136,21 +210,66 @@ impl ConsumerBuilder {
         for t in &self.spec.topics {
             validate_topic(t)?;
         }
-        let handler: Handler = Arc::new(move |d| {
-            let fut = handler(d);
-            async move { fut.await.map_err(Into::into) }.boxed()
-        });
+        if let Some(dlq) = &self.dead_letter {
+            validate_topic(dlq)?;
+        }
+        let handler = HandlerFn::new(handler);
         let subscription = self.driver.subscribe(self.spec.clone()).await?;
         let stop = self.shutdown.child_token();
         let (assigned_tx, assigned_rx) = watch::channel(Vec::new());
-        let run = Runtime {
-            subscription,
-            handler,
-            policy: self.policy,
-            stop: stop.clone(),
-            assigned: assigned_tx,
+        let task = if self.bare {
+            let run = Runtime {
+                subscription,
+                service: handler,
+                redeliver_after: FailurePolicy::Redeliver {
+                    after: Duration::from_secs(1),
+                }
+                .redeliver_after(),
+                stop: stop.clone(),
+                assigned: assigned_tx,
+            };
+            self.tracker.spawn(run.run())
+        } else {
+            let group: Arc<str> = Arc::from(self.spec.group.as_str());
+            let counters = GroupCounters::new(self.registry.clone(), group.clone());
+            let inner = if self.layers.is_empty() {
+                Handler::Direct(handler)
+            } else {
+                let mut svc = BoxedHandler::new(handler);
+                for l in self.layers.iter().rev() {
+                    svc = l(svc);
+                }
+                Handler::Layered(svc)
+            };
+            let (backoff, dead_letters) = match &self.policy {
+                FailurePolicy::RetryThenDeadLetter(b) => (b.clone(), true),
+                FailurePolicy::Redeliver { .. } => (Backoff::none(), false),
+            };
+            let metered = MetricsLayer::new(counters.clone()).layer(inner);
+            let decompressed = DecompressLayer.layer(metered);
+            let retried = RetryLayer::new(backoff, stop.clone(), counters.clone()).layer(decompressed);
+            let deduped = DedupService::optional(
+                retried,
+                self.dedup
+                    .map(|(store, window)| DedupLayer::new(store, window, group.clone())),
+            );
+            let dead_lettered = DeadLetterLayer::new(
+                dead_letters,
+                self.driver.clone(),
+                self.dead_letter.clone(),
+                counters,
+            )
+            .layer(deduped);
+            let service = TraceLayer::new(group).layer(dead_lettered);
+            let run = Runtime {
+                subscription,
+                service,
+                redeliver_after: self.policy.redeliver_after(),
+                stop: stop.clone(),
+                assigned: assigned_tx,
+            };
+            self.tracker.spawn(run.run())
         };
-        let task = self.tracker.spawn(run.run());
         Ok(ConsumerHandle {
             stop,
             task,
@@ -205,15 +324,19 @@ impl ConsumerHandle {
 
 type Work = Vec<Delivery>;
 
-struct Runtime {
+struct Runtime<S> {
     subscription: Box<dyn Subscription>,
-    handler: Handler,
-    policy: FailurePolicy,
+    service: S,
+    redeliver_after: Duration,
     stop: CancellationToken,
     assigned: watch::Sender<Vec<TopicPartition>>,
 }
 
-impl Runtime {
+impl<S> Runtime<S>
+where
+    S: Service<Delivery, Response = (), Error = BoxError> + Clone + Send + 'static,
+    S::Future: Send,
+{
     async fn run(mut self) -> Result<()> {
         let mut workers: HashMap<(Arc<str>, u32), mpsc::Sender<Work>> = HashMap::new();
         let mut tasks = JoinSet::new();
@@ -273,23 +396,27 @@ impl Runtime {
         result
     }
 
-    fn dispatcher(&self) -> Dispatcher {
+    fn dispatcher(&self) -> Dispatcher<'_, S> {
         Dispatcher {
-            handler: self.handler.clone(),
-            policy: self.policy.clone(),
-            stop: self.stop.clone(),
+            service: &self.service,
+            redeliver_after: self.redeliver_after,
+            stop: &self.stop,
         }
     }
 }
 
 /// Routes a run of one partition's deliveries to that partition's worker.
-struct Dispatcher {
-    handler: Handler,
-    policy: FailurePolicy,
-    stop: CancellationToken,
+struct Dispatcher<'a, S> {
+    service: &'a S,
+    redeliver_after: Duration,
+    stop: &'a CancellationToken,
 }
 
-impl Dispatcher {
+impl<S> Dispatcher<'_, S>
+where
+    S: Service<Delivery, Response = (), Error = BoxError> + Clone + Send + 'static,
+    S::Future: Send,
+{
     async fn route(
         &self,
         workers: &mut HashMap<(Arc<str>, u32), mpsc::Sender<Work>>,
@@ -301,8 +428,8 @@ impl Dispatcher {
             let (tx, rx) = mpsc::channel(WORKER_QUEUE);
             tasks.spawn(worker(
                 rx,
-                self.handler.clone(),
-                self.policy.clone(),
+                self.service.clone(),
+                self.redeliver_after,
                 self.stop.clone(),
             ));
             tx
@@ -315,12 +442,15 @@ impl Dispatcher {
     }
 }
 
-async fn worker(
+async fn worker<S>(
     mut rx: mpsc::Receiver<Work>,
-    handler: Handler,
-    policy: FailurePolicy,
+    mut service: S,
+    redeliver_after: Duration,
     stop: CancellationToken,
-) {
+) where
+    S: Service<Delivery, Response = (), Error = BoxError> + Send + 'static,
+    S::Future: Send,
+{
     while let Some(work) = rx.recv().await {
         for mut d in work {
             if stop.is_cancelled() {
@@ -334,20 +464,19 @@ async fn worker(
                 continue;
             }
             let (topic, partition, offset) = (d.topic.clone(), d.partition, d.offset);
-            let outcome = AssertUnwindSafe(handler(d)).catch_unwind().await;
+            let outcome = match service.ready().await {
+                Ok(svc) => AssertUnwindSafe(svc.call(d)).catch_unwind().await,
+                Err(e) => Ok(Err(e)),
+            };
             match outcome {
                 Ok(Ok(())) => ack.ack(),
                 Ok(Err(e)) => {
-                    tracing::warn!(%topic, partition, offset, error = %e, "handler failed");
-                    match &policy {
-                        FailurePolicy::Redeliver { after } => ack.nack(*after),
-                    }
+                    tracing::warn!(%topic, partition, offset, error = %e, "handler failed; not committed");
+                    ack.nack(redeliver_after);
                 }
                 Err(_) => {
                     tracing::error!(%topic, partition, offset, "handler panicked");
-                    match &policy {
-                        FailurePolicy::Redeliver { after } => ack.nack(*after),
-                    }
+                    ack.nack(redeliver_after);
                 }
             }
         }

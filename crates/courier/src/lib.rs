@@ -22,9 +22,14 @@
 pub struct ReadmeDoctests;
 
 mod client;
+mod compress;
 mod connect;
 mod consumer;
+mod dead_letters;
+pub mod pipeline;
 mod producer;
+pub mod stats;
+pub mod trace;
 mod validate;
 
 pub use client::{Admin, Client};
@@ -36,5 +41,10 @@ pub use courier_core::{
     Message, OffsetReset, PartitionInfo, ProducerConfig, Receipt, Record, ResetTo, Result,
     TopicInfo, TopicPartition, TopicSpec,
 };
+pub use compress::{DEFAULT_THRESHOLD as COMPRESSION_THRESHOLD, HEADER_CONTENT_ENCODING};
+pub use dead_letters::{DeadLetter, DeadLetters, LetterFilter, RedriveReport, Selection, HEADER_REDRIVEN_ID};
+pub use pipeline::{Backoff, DedupStore, MemoryDedupStore, Permanent};
 pub use producer::{Producer, SendHandle};
+pub use stats::{install_prometheus_recorder, StatsSnapshot, TopicStats};
+pub use trace::TraceContext;
 pub use validate::validate_topic;

@@ -11,12 +11,16 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Instant;
 
 use courier_core::{Driver, Error, Message, Receipt, Record, Result};
 use parking_lot::Mutex;
 use tokio::sync::{oneshot, Notify, Semaphore};
 use tokio::task::JoinHandle;
 
+use crate::compress::{compress_if_large, DEFAULT_THRESHOLD};
+use crate::stats::Registry;
+use crate::trace::inject_on_send;
 use crate::validate::validate_topic;
 
 /// Most records handed to the driver in one publish call.
@@ -24,8 +28,10 @@ const MAX_BATCH_RECORDS: usize = 8192;
 /// Most bytes handed to the driver in one publish call.
 const MAX_BATCH_BYTES: usize = 8 * 1024 * 1024;
 
+type Pending = (Record, oneshot::Sender<Result<Receipt>>, Instant);
+
 enum Item {
-    Send(Record, oneshot::Sender<Result<Receipt>>),
+    Send(Pending),
     Flush(oneshot::Sender<()>),
 }
 
@@ -42,6 +48,10 @@ struct Inner {
     wake: Notify,
     closed: AtomicBool,
     flusher: Mutex<Option<JoinHandle<()>>>,
+    stats: Arc<Registry>,
+    /// Values above this are lz4-compressed; `None` when the backend compresses
+    /// natively.
+    compress_over: Option<usize>,
 }
 
 /// Sends messages. Cheap to clone; clones share one buffer and one background
@@ -56,7 +66,9 @@ impl Producer {
         driver: Arc<dyn Driver>,
         max_message_size: usize,
         max_buffered: usize,
+        stats: Arc<Registry>,
     ) -> Self {
+        let compress_over = (!driver.capabilities().native_compression).then_some(DEFAULT_THRESHOLD);
         let inner = Arc::new(Inner {
             driver,
             max_message_size,
@@ -68,6 +80,8 @@ impl Producer {
             wake: Notify::new(),
             closed: AtomicBool::new(false),
             flusher: Mutex::new(None),
+            stats,
+            compress_over,
         });
         let task = tokio::spawn(run_flusher(inner.clone()));
         *inner.flusher.lock() = Some(task);
@@ -93,6 +107,15 @@ impl Producer {
         Ok(())
     }
 
+    /// The producer pipeline after validation: trace context, then compression.
+    fn prepare(&self, mut msg: Message) -> Record {
+        inject_on_send(&mut msg.headers);
+        if let Some(threshold) = self.inner.compress_over {
+            compress_if_large(&mut msg.value, &mut msg.headers, threshold);
+        }
+        Record::from_message(msg)
+    }
+
     /// Queues `msg` and returns at once. Await the handle for the receipt (the seeds'
     /// `SendSync`), or pass a callback with [`SendHandle::on_complete`] (the seeds'
     /// async `Send`). Invalid input fails the handle immediately; nothing is queued.
@@ -100,6 +123,7 @@ impl Producer {
         if let Err(e) = self.check(&msg) {
             return SendHandle::ready(Err(e));
         }
+        let record = self.prepare(msg);
         let (tx, rx) = oneshot::channel();
         let mut q = self.inner.queue.lock();
         if q.closed {
@@ -108,7 +132,7 @@ impl Producer {
         if q.items.len() >= self.inner.max_buffered {
             return SendHandle::ready(Err(Error::QueueFull(q.items.len())));
         }
-        q.items.push(Item::Send(Record::from_message(msg), tx));
+        q.items.push(Item::Send((record, tx, Instant::now())));
         let first = q.items.len() == 1;
         drop(q);
         if first {
@@ -126,14 +150,16 @@ impl Producer {
         }
         let total = msgs.len();
         let mut rxs = Vec::with_capacity(total);
+        let records: Vec<Record> = msgs.into_iter().map(|m| self.prepare(m)).collect();
+        let now = Instant::now();
         {
             let mut q = self.inner.queue.lock();
             if q.closed {
                 return Err(Error::ProducerClosed);
             }
-            for m in msgs {
+            for r in records {
                 let (tx, rx) = oneshot::channel();
-                q.items.push(Item::Send(Record::from_message(m), tx));
+                q.items.push(Item::Send((r, tx, now)));
                 rxs.push(rx);
             }
         }
@@ -216,13 +242,13 @@ async fn run_flusher(inner: Arc<Inner>) {
             notified.await;
             continue;
         };
-        let mut batch: Vec<(Record, oneshot::Sender<Result<Receipt>>)> = Vec::new();
+        let mut batch: Vec<Pending> = Vec::new();
         let mut bytes = 0;
         for item in items {
             match item {
-                Item::Send(r, tx) => {
-                    bytes += r.value.len() + r.key.as_ref().map_or(0, |k| k.len());
-                    batch.push((r, tx));
+                Item::Send(p) => {
+                    bytes += p.0.value.len() + p.0.key.as_ref().map_or(0, |k| k.len());
+                    batch.push(p);
                     if batch.len() >= MAX_BATCH_RECORDS || bytes >= MAX_BATCH_BYTES {
                         dispatch(&inner, &permits, std::mem::take(&mut batch)).await;
                         bytes = 0;
@@ -252,19 +278,48 @@ async fn run_flusher(inner: Arc<Inner>) {
 async fn dispatch(
     inner: &Arc<Inner>,
     permits: &Arc<Semaphore>,
-    batch: Vec<(Record, oneshot::Sender<Result<Receipt>>)>,
+    batch: Vec<Pending>,
 ) {
     let Ok(permit) = permits.clone().acquire_owned().await else {
         return;
     };
     let driver = inner.driver.clone();
+    let stats = inner.stats.clone();
     let job = async move {
-        let (records, txs): (Vec<Record>, Vec<_>) = batch.into_iter().unzip();
+        let mut records = Vec::with_capacity(batch.len());
+        let mut txs = Vec::with_capacity(batch.len());
+        let mut started = Vec::with_capacity(batch.len());
+        for (r, tx, at) in batch {
+            records.push(r);
+            txs.push(tx);
+            started.push(at);
+        }
         let topics = TopicRuns::of(&records);
         match driver.publish(records).await {
             Ok(receipts) if receipts.len() == txs.len() => {
-                for (tx, r) in txs.into_iter().zip(receipts) {
+                let done = Instant::now();
+                let mut counters: Option<Arc<crate::stats::Counters>> = None;
+                let mut run = 0u64;
+                for ((tx, r), at) in txs.into_iter().zip(receipts).zip(started) {
+                    // One registry lookup per run of one topic, not per message.
+                    let c = match &counters {
+                        Some(c) if **c.topic() == *r.topic => c.clone(),
+                        _ => {
+                            if let Some(prev) = &counters {
+                                prev.sent(run);
+                            }
+                            run = 0;
+                            let c = stats.counters(&r.topic, None);
+                            counters = Some(c.clone());
+                            c
+                        }
+                    };
+                    run += 1;
+                    c.send_latency(done.saturating_duration_since(at));
                     let _ = tx.send(Ok(r));
+                }
+                if let Some(c) = counters {
+                    c.sent(run);
                 }
             }
             Ok(receipts) => {
@@ -273,11 +328,11 @@ async fn dispatch(
                     receipts.len(),
                     txs.len()
                 );
-                topics.fail(txs, &msg);
+                topics.fail(&stats, txs, &msg);
             }
             Err(e) => {
                 tracing::warn!(error = %e, "publish failed");
-                topics.fail(txs, &e.to_string());
+                topics.fail(&stats, txs, &e.to_string());
             }
         }
         drop(permit);
@@ -310,7 +365,12 @@ impl TopicRuns {
         Self(runs)
     }
 
-    fn fail(&self, txs: Vec<oneshot::Sender<Result<Receipt>>>, msg: &str) {
+    fn fail(&self, stats: &Registry, txs: Vec<oneshot::Sender<Result<Receipt>>>, msg: &str) {
+        let total = txs.len();
+        for (n, (start, topic)) in self.0.iter().enumerate() {
+            let end = self.0.get(n + 1).map_or(total, |(s, _)| *s);
+            stats.counters(topic, None).send_error((end - start) as u64);
+        }
         for (i, tx) in txs.into_iter().enumerate() {
             let run = self
                 .0

@@ -1,0 +1,55 @@
+//! Transparent decompression of values marked `content-encoding: lz4` (SPEC R6).
+
+use std::task::{Context, Poll};
+
+use courier_core::{BoxError, Delivery};
+use futures::future::{ready, Either, Ready};
+use tower::{Layer, Service};
+
+use super::retry::Permanent;
+use crate::compress::{decompress, HEADER_CONTENT_ENCODING};
+
+/// Adds [`DecompressService`].
+#[derive(Clone, Copy, Debug, Default)]
+pub struct DecompressLayer;
+
+impl<S> Layer<S> for DecompressLayer {
+    type Service = DecompressService<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        DecompressService { inner }
+    }
+}
+
+/// Gives the handler the value as produced. A value that does not decode fails with
+/// [`Permanent`] (no retries: it goes to the dead-letter topic with its bytes intact).
+#[derive(Clone)]
+pub struct DecompressService<S> {
+    inner: S,
+}
+
+impl<S> Service<Delivery> for DecompressService<S>
+where
+    S: Service<Delivery, Response = (), Error = BoxError>,
+{
+    type Response = ();
+    type Error = BoxError;
+    type Future = Either<Ready<Result<(), BoxError>>, S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut d: Delivery) -> Self::Future {
+        if !d.headers.is_empty() {
+            match decompress(&d.value, &d.headers) {
+                Ok(None) => {}
+                Ok(Some(v)) => {
+                    d.value = v;
+                    d.headers.remove(HEADER_CONTENT_ENCODING);
+                }
+                Err(e) => return Either::Left(ready(Err(Box::new(Permanent::new(e)) as BoxError))),
+            }
+        }
+        Either::Right(self.inner.call(d))
+    }
+}

@@ -1,0 +1,24 @@
+//! The consumer pipeline as `tower` middleware around the user's handler (DESIGN §1).
+//!
+//! Outside in: [`TraceLayer`] (extract context, handler span) → [`DeadLetterLayer`]
+//! (publish the exhausted message, then let it be committed) → [`DedupLayer`] (skip ids
+//! seen within the window) → [`RetryLayer`] (in-place retries with backoff) →
+//! [`DecompressLayer`] (undo lz4) → [`MetricsLayer`] (per-attempt counts, e2e
+//! latency) → the user's own tower layers → the handler. `Ok` from the stack commits
+//! the message; `Err` leaves it uncommitted (redelivered).
+
+pub(crate) mod dead_letter;
+mod decompress;
+mod dedup;
+mod handler;
+mod metrics;
+mod retry;
+mod trace;
+
+pub use dead_letter::{DeadLetterLayer, DeadLetterService, HEADERS as DEAD_LETTER_HEADERS};
+pub use decompress::{DecompressLayer, DecompressService};
+pub use dedup::{DedupLayer, DedupService, DedupStore, MemoryDedupStore};
+pub use handler::{BoxedHandler, Handler, HandlerFn};
+pub use metrics::{MetricsLayer, MetricsService};
+pub use retry::{Backoff, Exhausted, Interrupted, Permanent, RetryLayer, RetryService};
+pub use trace::{TraceLayer, TraceService};

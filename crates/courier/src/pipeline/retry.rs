@@ -1,0 +1,271 @@
+//! In-place retry with exponential backoff and jitter (SPEC R2).
+
+use std::fmt;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use courier_core::{BoxError, Delivery};
+use futures::future::BoxFuture;
+use tokio_util::sync::CancellationToken;
+use tower::{Layer, Service, ServiceExt};
+
+use crate::stats::GroupCounters;
+
+type Predicate = Arc<dyn Fn(&BoxError) -> bool + Send + Sync>;
+
+/// How often and how patiently a failed handler is retried before the message is
+/// dead-lettered: delay `n` (0-based) is `initial × multiplier^n`, capped at `max`,
+/// randomised by ±`jitter` so that many consumers do not retry in lockstep.
+#[derive(Clone)]
+pub struct Backoff {
+    max_retries: u32,
+    initial: Duration,
+    max: Duration,
+    multiplier: f64,
+    jitter: f64,
+    retryable: Option<Predicate>,
+}
+
+impl fmt::Debug for Backoff {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Backoff")
+            .field("max_retries", &self.max_retries)
+            .field("initial", &self.initial)
+            .field("max", &self.max)
+            .field("multiplier", &self.multiplier)
+            .field("jitter", &self.jitter)
+            .field("retryable", &self.retryable.as_ref().map(|_| "custom"))
+            .finish()
+    }
+}
+
+impl Default for Backoff {
+    /// 3 retries after 1 s, 2 s, 4 s (±20%), capped at 30 s; every error retryable.
+    fn default() -> Self {
+        Self::exponential(3, Duration::from_secs(1))
+    }
+}
+
+impl Backoff {
+    /// `max_retries` retries, the first after `initial`, each next one twice as long
+    /// (capped at 30 s), ±20% jitter.
+    pub fn exponential(max_retries: u32, initial: Duration) -> Self {
+        Self {
+            max_retries,
+            initial,
+            max: Duration::from_secs(30).max(initial),
+            multiplier: 2.0,
+            jitter: 0.2,
+            retryable: None,
+        }
+    }
+
+    /// No retries: the first failure is final.
+    pub fn none() -> Self {
+        Self::exponential(0, Duration::ZERO)
+    }
+
+    /// Caps each delay at `max`.
+    pub fn max_delay(mut self, max: Duration) -> Self {
+        self.max = max;
+        self
+    }
+
+    /// Growth factor between delays (≥ 1).
+    pub fn multiplier(mut self, m: f64) -> Self {
+        self.multiplier = m.max(1.0);
+        self
+    }
+
+    /// Random spread of each delay, as a fraction (0 = exact, clamped to 0..=1).
+    pub fn jitter(mut self, fraction: f64) -> Self {
+        self.jitter = fraction.clamp(0.0, 1.0);
+        self
+    }
+
+    /// Only errors for which `f` is true are retried; others go to the dead-letter
+    /// topic at once. [`Permanent`] errors are never retried regardless.
+    pub fn retry_if(mut self, f: impl Fn(&BoxError) -> bool + Send + Sync + 'static) -> Self {
+        self.retryable = Some(Arc::new(f));
+        self
+    }
+
+    /// Retries after the first failure.
+    pub fn max_retries(&self) -> u32 {
+        self.max_retries
+    }
+
+    /// The first delay.
+    pub fn initial(&self) -> Duration {
+        self.initial
+    }
+
+    /// The delay before retry `n` (0-based), with jitter applied.
+    pub fn delay(&self, n: u32) -> Duration {
+        let base = self.initial.as_secs_f64() * self.multiplier.powi(n.min(64) as i32);
+        let capped = base.min(self.max.as_secs_f64());
+        let spread = if self.jitter > 0.0 {
+            1.0 + self.jitter * (fastrand::f64() * 2.0 - 1.0)
+        } else {
+            1.0
+        };
+        Duration::from_secs_f64((capped * spread).max(0.0))
+    }
+
+    fn is_retryable(&self, e: &BoxError) -> bool {
+        if e.is::<Permanent>() {
+            return false;
+        }
+        self.retryable.as_ref().is_none_or(|f| f(e))
+    }
+}
+
+/// An error that retrying cannot fix (corrupt input, a rejected schema …): the
+/// message goes to the dead-letter topic without retries. Handlers may return it.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Permanent(pub BoxError);
+
+impl Permanent {
+    /// Wraps any error as permanent.
+    pub fn new(e: impl Into<BoxError>) -> Self {
+        Self(e.into())
+    }
+}
+
+/// The handler failed and no retry is left; carries the original delivery so the
+/// dead-letter step can publish its exact bytes.
+#[derive(Debug, thiserror::Error)]
+#[error("failed after {retries} retries: {source}")]
+pub struct Exhausted {
+    /// Retries made after the first attempt.
+    pub retries: u32,
+    /// The last error.
+    pub source: BoxError,
+    /// The message as it was delivered.
+    pub delivery: Box<Delivery>,
+}
+
+/// The consumer stopped while a retry was pending; the message stays uncommitted and
+/// is delivered again (never dead-lettered for a shutdown).
+#[derive(Debug, thiserror::Error)]
+#[error("retry interrupted by shutdown")]
+pub struct Interrupted;
+
+/// Adds [`RetryService`].
+#[derive(Clone)]
+pub struct RetryLayer {
+    backoff: Arc<Backoff>,
+    stop: CancellationToken,
+    counters: GroupCounters,
+}
+
+impl RetryLayer {
+    pub(crate) fn new(backoff: Backoff, stop: CancellationToken, counters: GroupCounters) -> Self {
+        Self {
+            backoff: Arc::new(backoff),
+            stop,
+            counters,
+        }
+    }
+}
+
+impl<S> Layer<S> for RetryLayer {
+    type Service = RetryService<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        RetryService {
+            inner,
+            layer: self.clone(),
+        }
+    }
+}
+
+/// Calls the inner service again after a failure, up to the backoff's limit; the
+/// final error is [`Exhausted`].
+#[derive(Clone)]
+pub struct RetryService<S> {
+    inner: S,
+    layer: RetryLayer,
+}
+
+impl<S> Service<Delivery> for RetryService<S>
+where
+    S: Service<Delivery, Response = (), Error = BoxError> + Clone + Send + 'static,
+    S::Future: Send,
+{
+    type Response = ();
+    type Error = BoxError;
+    type Future = BoxFuture<'static, Result<(), BoxError>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut d: Delivery) -> Self::Future {
+        // The ready service goes into the future; `self` keeps a fresh clone.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let backoff = self.layer.backoff.clone();
+        let stop = self.layer.stop.clone();
+        let counters = self.layer.counters.get(&d.topic);
+        Box::pin(async move {
+            let mut retries = 0u32;
+            let mut first = true;
+            loop {
+                if !first {
+                    inner.ready().await?;
+                }
+                first = false;
+                let result = inner.call(d.clone_message()).await;
+                let e = match result {
+                    Ok(()) => return Ok(()),
+                    Err(e) => e,
+                };
+                if retries >= backoff.max_retries || !backoff.is_retryable(&e) {
+                    return Err(Box::new(Exhausted {
+                        retries,
+                        source: e,
+                        delivery: Box::new(d),
+                    }) as BoxError);
+                }
+                let wait = backoff.delay(retries);
+                counters.retry();
+                tracing::warn!(
+                    topic = %d.topic, partition = d.partition, offset = d.offset,
+                    retry = retries + 1, ?wait, error = %e, "handler failed; retrying"
+                );
+                tokio::select! {
+                    biased;
+                    _ = stop.cancelled() => return Err(Box::new(Interrupted) as BoxError),
+                    _ = tokio::time::sleep(wait) => {}
+                }
+                retries += 1;
+                d.attempt = d.attempt.saturating_add(1);
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn delays_grow_and_are_capped() {
+        let b = Backoff::exponential(5, Duration::from_millis(100))
+            .jitter(0.0)
+            .max_delay(Duration::from_millis(300));
+        let d: Vec<u128> = (0..4).map(|n| b.delay(n).as_millis()).collect();
+        assert_eq!(d, vec![100, 200, 300, 300]);
+        let j = Backoff::exponential(3, Duration::from_millis(100));
+        for _ in 0..100 {
+            let ms = j.delay(1).as_millis();
+            assert!((160..=240).contains(&ms), "{ms}");
+        }
+        let p = Backoff::default().retry_if(|e| e.to_string() != "fatal");
+        assert!(!p.is_retryable(&BoxError::from("fatal")));
+        assert!(p.is_retryable(&BoxError::from("flaky")));
+        assert!(!p.is_retryable(&(Box::new(Permanent::new("x")) as BoxError)));
+    }
+}

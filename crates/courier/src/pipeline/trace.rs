@@ -1,0 +1,79 @@
+//! Consume-side trace propagation (SPEC R1): the handler runs in a `courier.consume`
+//! span whose `trace_id` is the producer's, as the current [`TraceContext`].
+
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use courier_core::{BoxError, Delivery};
+use tokio::task::futures::TaskLocalFuture;
+use tower::{Layer, Service};
+use tracing::instrument::{Instrument, Instrumented};
+
+use crate::trace::{scoped, TraceContext};
+
+/// Adds [`TraceService`].
+#[derive(Clone)]
+pub struct TraceLayer {
+    group: Arc<str>,
+}
+
+impl TraceLayer {
+    pub(crate) fn new(group: Arc<str>) -> Self {
+        Self { group }
+    }
+}
+
+impl<S> Layer<S> for TraceLayer {
+    type Service = TraceService<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        TraceService {
+            inner,
+            group: self.group.clone(),
+        }
+    }
+}
+
+/// Extracts the message's trace context and runs the rest of the pipeline as its
+/// child span. Without a context and without a listening subscriber it adds nothing
+/// but a header scan.
+#[derive(Clone)]
+pub struct TraceService<S> {
+    inner: S,
+    group: Arc<str>,
+}
+
+impl<S> Service<Delivery> for TraceService<S>
+where
+    S: Service<Delivery, Response = (), Error = BoxError>,
+{
+    type Response = ();
+    type Error = BoxError;
+    type Future = TaskLocalFuture<Option<TraceContext>, Instrumented<S::Future>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, d: Delivery) -> Self::Future {
+        let ctx = match TraceContext::extract(&d.headers) {
+            Some(parent) => Some(parent.child()),
+            None if tracing::enabled!(tracing::Level::INFO) => Some(TraceContext::new_root()),
+            None => None,
+        };
+        let span = match &ctx {
+            Some(c) => tracing::info_span!(
+                "courier.consume",
+                trace_id = %format_args!("{:032x}", c.trace_id),
+                span_id = %format_args!("{:016x}", c.span_id),
+                parent_span_id = %format_args!("{:016x}", c.parent_span_id.unwrap_or(0)),
+                topic = %d.topic,
+                partition = d.partition,
+                offset = d.offset,
+                group = %self.group,
+                message_id = %d.id,
+            ),
+            None => tracing::Span::none(),
+        };
+        scoped(ctx, self.inner.call(d).instrument(span))
+    }
+}

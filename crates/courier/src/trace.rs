@@ -1,0 +1,280 @@
+//! Trace propagation (SPEC R1): W3C `traceparent` plus the seeds' `X-Trace-ID`,
+//! `x-trace-id`, `x-span-id`, `x-parent-span-id` and `x-sampled` headers.
+//!
+//! The context travels in a task-local: the consumer pipeline sets it around the
+//! handler, so a message sent from inside a handler continues the consumed message's
+//! trace; code outside a handler can set one with [`TraceContext::scope`]. W3C
+//! `traceparent` is what OpenTelemetry SDKs read and write, so a message produced by an
+//! OTel-instrumented service continues the same trace id here, and the other way round.
+
+use std::fmt;
+use std::future::Future;
+
+use courier_core::Headers;
+
+/// W3C trace context header.
+pub const HEADER_TRACEPARENT: &str = "traceparent";
+/// Seed 000's trace header.
+pub const HEADER_X_TRACE_ID: &str = "X-Trace-ID";
+/// Seed 002's trace id header.
+pub const HEADER_TRACE_ID: &str = "x-trace-id";
+/// Seed 002's span id header.
+pub const HEADER_SPAN_ID: &str = "x-span-id";
+/// Seed 002's parent span id header.
+pub const HEADER_PARENT_SPAN_ID: &str = "x-parent-span-id";
+/// Seed 002's sampling flag header (`1` or `0`).
+pub const HEADER_SAMPLED: &str = "x-sampled";
+
+tokio::task_local! {
+    static CURRENT: Option<TraceContext>;
+}
+
+/// One span's position in a distributed trace.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct TraceContext {
+    /// 128-bit trace id (never zero).
+    pub trace_id: u128,
+    /// 64-bit id of this span (never zero).
+    pub span_id: u64,
+    /// The span this one is a child of, if known.
+    pub parent_span_id: Option<u64>,
+    /// Whether the trace is sampled (W3C flag `01`).
+    pub sampled: bool,
+}
+
+fn nonzero_u64() -> u64 {
+    loop {
+        let v = fastrand::u64(..);
+        if v != 0 {
+            return v;
+        }
+    }
+}
+
+fn nonzero_u128() -> u128 {
+    loop {
+        let v = fastrand::u128(..);
+        if v != 0 {
+            return v;
+        }
+    }
+}
+
+impl TraceContext {
+    /// A new trace (fresh ids, sampled, no parent).
+    pub fn new_root() -> Self {
+        Self {
+            trace_id: nonzero_u128(),
+            span_id: nonzero_u64(),
+            parent_span_id: None,
+            sampled: true,
+        }
+    }
+
+    /// A new span in the same trace whose parent is `self`.
+    pub fn child(&self) -> Self {
+        Self {
+            trace_id: self.trace_id,
+            span_id: nonzero_u64(),
+            parent_span_id: Some(self.span_id),
+            sampled: self.sampled,
+        }
+    }
+
+    /// The context the current task runs in (inside a handler: the consumed
+    /// message's, as a child span), if any.
+    pub fn current() -> Option<Self> {
+        CURRENT.try_with(|c| *c).ok().flatten()
+    }
+
+    /// Runs `fut` with `self` as the current context, so sends inside it continue
+    /// this trace.
+    pub fn scope<F: Future>(
+        self,
+        fut: F,
+    ) -> tokio::task::futures::TaskLocalFuture<Option<Self>, F> {
+        CURRENT.scope(Some(self), fut)
+    }
+
+    /// The trace id as 32 lowercase hex digits.
+    pub fn trace_id_hex(&self) -> String {
+        format!("{:032x}", self.trace_id)
+    }
+
+    /// The span id as 16 lowercase hex digits.
+    pub fn span_id_hex(&self) -> String {
+        format!("{:016x}", self.span_id)
+    }
+
+    /// The W3C `traceparent` value (`00-trace-span-flags`).
+    pub fn traceparent(&self) -> String {
+        format!(
+            "00-{:032x}-{:016x}-{:02x}",
+            self.trace_id,
+            self.span_id,
+            u8::from(self.sampled)
+        )
+    }
+
+    /// Parses a W3C `traceparent`; `None` when malformed or all-zero ids (the spec
+    /// says such a header must be ignored).
+    pub fn parse_traceparent(v: &str) -> Option<Self> {
+        let v = v.trim();
+        let mut parts = v.split('-');
+        let version = parts.next()?;
+        let trace = parts.next()?;
+        let span = parts.next()?;
+        let flags = parts.next()?;
+        if version.len() != 2 || version == "ff" || trace.len() != 32 || span.len() != 16 {
+            return None;
+        }
+        // Version 00 has exactly four fields; later versions may append more.
+        if version == "00" && parts.next().is_some() {
+            return None;
+        }
+        let _ = u8::from_str_radix(version, 16).ok()?;
+        let trace_id = parse_hex_u128(trace)?;
+        let span_id = u64::from_str_radix(span, 16).ok()?;
+        let flags = u8::from_str_radix(flags.get(..2)?, 16).ok()?;
+        if trace_id == 0 || span_id == 0 {
+            return None;
+        }
+        Some(Self {
+            trace_id,
+            span_id,
+            parent_span_id: None,
+            sampled: flags & 1 == 1,
+        })
+    }
+
+    /// Reads the context a producer injected: `traceparent` first (W3C / OTel), then
+    /// the seeds' `x-trace-id` / `X-Trace-ID` with `x-span-id` and `x-sampled`.
+    pub fn extract(headers: &Headers) -> Option<Self> {
+        if headers.is_empty() {
+            return None;
+        }
+        if let Some(tp) = headers
+            .get_ignore_case(HEADER_TRACEPARENT)
+            .and_then(|v| std::str::from_utf8(v).ok())
+            .and_then(Self::parse_traceparent)
+        {
+            return Some(tp);
+        }
+        let trace = headers
+            .get_ignore_case(HEADER_TRACE_ID)
+            .and_then(|v| std::str::from_utf8(v).ok())
+            .and_then(|s| parse_hex_u128(s.trim()))
+            .filter(|t| *t != 0)?;
+        let span = headers
+            .get_ignore_case(HEADER_SPAN_ID)
+            .and_then(|v| std::str::from_utf8(v).ok())
+            .and_then(|s| u64::from_str_radix(s.trim(), 16).ok())
+            .filter(|s| *s != 0)
+            .unwrap_or_else(nonzero_u64);
+        let sampled = headers
+            .get_ignore_case(HEADER_SAMPLED)
+            .is_none_or(|v| v.as_ref() != b"0" && v.as_ref() != b"false");
+        Some(Self {
+            trace_id: trace,
+            span_id: span,
+            parent_span_id: None,
+            sampled,
+        })
+    }
+
+    /// Writes every propagation header for `self` (replacing earlier values).
+    pub fn inject(&self, headers: &mut Headers) {
+        let trace = self.trace_id_hex();
+        headers.insert(HEADER_TRACEPARENT, self.traceparent());
+        headers.insert(HEADER_X_TRACE_ID, trace.clone());
+        headers.insert(HEADER_TRACE_ID, trace);
+        headers.insert(HEADER_SPAN_ID, self.span_id_hex());
+        if let Some(p) = self.parent_span_id {
+            headers.insert(HEADER_PARENT_SPAN_ID, format!("{p:016x}"));
+        }
+        headers.insert(HEADER_SAMPLED, if self.sampled { "1" } else { "0" });
+    }
+}
+
+impl fmt::Display for TraceContext {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.traceparent())
+    }
+}
+
+fn parse_hex_u128(s: &str) -> Option<u128> {
+    if s.is_empty() || s.len() > 32 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    u128::from_str_radix(s, 16).ok()
+}
+
+/// Runs `fut` with `ctx` (or none) as the current context.
+pub(crate) fn scoped<F: Future>(
+    ctx: Option<TraceContext>,
+    fut: F,
+) -> tokio::task::futures::TaskLocalFuture<Option<TraceContext>, F> {
+    CURRENT.scope(ctx, fut)
+}
+
+/// The producer side: gives a message without trace headers the context to carry —
+/// a child of the current one, or (when a `tracing` subscriber listens) a new trace.
+/// A message that already names a trace (`traceparent` or `X-Trace-ID`) keeps it.
+pub(crate) fn inject_on_send(headers: &mut Headers) {
+    if !headers.is_empty()
+        && (headers.get_ignore_case(HEADER_TRACEPARENT).is_some()
+            || headers.get_ignore_case(HEADER_TRACE_ID).is_some())
+    {
+        return;
+    }
+    let ctx = match TraceContext::current() {
+        Some(c) => c.child(),
+        // Without a current trace and nobody listening there is nothing to continue;
+        // skipping keeps the no-tracing hot path free of id generation and headers.
+        None if tracing::enabled!(tracing::Level::INFO) => TraceContext::new_root(),
+        None => return,
+    };
+    ctx.inject(headers);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn traceparent_round_trips_and_rejects_garbage() {
+        let v = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let c = TraceContext::parse_traceparent(v).expect("valid");
+        assert_eq!(c.trace_id_hex(), "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(c.span_id_hex(), "00f067aa0ba902b7");
+        assert!(c.sampled);
+        assert_eq!(c.traceparent(), v);
+        for bad in [
+            "",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e473-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-x",
+            "00-xbf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        ] {
+            assert!(TraceContext::parse_traceparent(bad).is_none(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn inject_then_extract_keeps_trace_and_span() {
+        let root = TraceContext::new_root();
+        let child = root.child();
+        let mut h = Headers::new();
+        child.inject(&mut h);
+        assert_eq!(h.get_str("x-parent-span-id"), Some(&*root.span_id_hex()));
+        assert_eq!(h.get_str("X-Trace-ID"), Some(&*root.trace_id_hex()));
+        let got = TraceContext::extract(&h).expect("extract");
+        assert_eq!((got.trace_id, got.span_id), (child.trace_id, child.span_id));
+        // The seeds' headers alone are enough.
+        h.remove("traceparent");
+        let got = TraceContext::extract(&h).expect("extract");
+        assert_eq!((got.trace_id, got.span_id), (child.trace_id, child.span_id));
+    }
+}
