@@ -12,6 +12,7 @@
 //! A test the backend cannot pass for a stated reason is skipped by
 //! [`Harness::unsupported`], and the skip is printed with that reason.
 
+pub mod capture;
 pub mod harness;
 pub mod suite;
 
@@ -35,7 +36,12 @@ macro_rules! conformance_tests {
             shutdown_finishes_in_flight_and_commits,
             member_leaving_hands_partitions_over,
             bad_input_gets_typed_errors,
-            admin_topics_and_groups
+            admin_topics_and_groups,
+            retry_backs_off_then_commits_once,
+            exhausted_message_is_dead_lettered_and_redriven,
+            duplicate_id_is_handled_once,
+            trace_context_reaches_handler_span,
+            large_values_are_compressed_transparently
         );
     };
     (@each $harness:expr; $($name:ident),* $(,)?) => {

@@ -662,3 +662,387 @@ pub fn admin_topics_and_groups(h: &dyn Harness) -> BoxFuture<'_, ()> {
         shutdown(client).await;
     })
 }
+
+/// Waits until `cond` holds, polling every 50 ms, up to the harness's patience.
+async fn eventually<F: FnMut() -> bool>(h: &dyn Harness, what: &str, mut cond: F) {
+    let deadline = tokio::time::Instant::now() + h.patience();
+    while !cond() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{}: timed out waiting for {what}",
+            h.name()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits until `group` has committed everything on `topic` (lag 0 on every
+/// partition, each partition with messages committed).
+async fn committed_all(h: &dyn Harness, client: &Client, group: &str, topic: &str) {
+    let deadline = tokio::time::Instant::now() + h.patience();
+    loop {
+        if let Ok(g) = client.admin().describe_group(group).await {
+            let offsets: Vec<_> = g.offsets.iter().filter(|o| o.topic == topic).collect();
+            if !offsets.is_empty()
+                && offsets
+                    .iter()
+                    .all(|o| o.lag == 0 && (o.end_offset == 0 || o.committed.is_some()))
+            {
+                return;
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{}: {group} never committed all of {topic}",
+            h.name()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A handler failing twice then succeeding is retried in place with growing delays
+/// (exponential backoff), handled once, committed, and later messages wait for it.
+/// The client's stats count exactly what happened.
+pub fn retry_backs_off_then_commits_once(h: &dyn Harness) -> BoxFuture<'_, ()> {
+    boxed(async move {
+        let client = h.client().await.expect("connect");
+        let t = topic(&client, "retry", 1).await;
+        let group = unique("g");
+        let attempts = Arc::new(parking_lot::Mutex::new(Vec::<(String, u32, tokio::time::Instant)>::new()));
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let a = attempts.clone();
+        let initial = Duration::from_millis(150);
+        let c = client
+            .consumer(&group)
+            .from_earliest()
+            .retry(courier::Backoff::exponential(3, initial).jitter(0.0))
+            .start([t.clone()], move |d: Delivery| {
+                let (a, tx) = (a.clone(), tx.clone());
+                async move {
+                    let v = d.value_str()?.to_string();
+                    let n = {
+                        let mut a = a.lock();
+                        a.push((v.clone(), d.attempt, tokio::time::Instant::now()));
+                        a.iter().filter(|(x, _, _)| *x == v).count()
+                    };
+                    if v == "flaky" && n <= 2 {
+                        return Err(Error::InvalidArgument(format!("flaky attempt {n}")));
+                    }
+                    let _ = tx.send(Got::from(&d, 0));
+                    Ok(())
+                }
+            })
+            .await
+            .expect("subscribe");
+        let p = client.producer();
+        for v in ["first", "flaky", "last"] {
+            p.send(Message::new(&t, v)).await.expect("send");
+        }
+        let got = recv_n(h, &mut rx, 3).await;
+        let order: Vec<String> = got.iter().map(Got::text).collect();
+        assert_eq!(order, ["first", "flaky", "last"], "retried in place, in order");
+        committed_all(h, &client, &group, &t).await;
+        expect_silence(&mut rx, Duration::from_millis(300)).await;
+        let log = attempts.lock().clone();
+        let flaky: Vec<_> = log.iter().filter(|(v, _, _)| v == "flaky").collect();
+        assert_eq!(flaky.len(), 3, "two failures, then one success: {log:?}");
+        assert_eq!(
+            flaky.iter().map(|(_, a, _)| *a).collect::<Vec<_>>(),
+            [1, 2, 3],
+            "attempt counts in-place retries"
+        );
+        let gap1 = flaky[1].2 - flaky[0].2;
+        let gap2 = flaky[2].2 - flaky[1].2;
+        assert!(gap1 >= initial.mul_f64(0.95), "first delay {gap1:?} < {initial:?}");
+        assert!(
+            gap2 >= (initial * 2).mul_f64(0.95),
+            "second delay {gap2:?} did not grow to {:?}",
+            initial * 2
+        );
+        assert_eq!(log.len(), 5, "first and last handled once each");
+        let s = client.stats().topic(&t);
+        assert_eq!(s.sent, 3, "{s:?}");
+        assert_eq!(s.consumed, 3, "{s:?}");
+        assert_eq!(s.consume_errors, 2, "{s:?}");
+        assert_eq!(s.retries, 2, "{s:?}");
+        assert_eq!(s.dead_lettered, 0, "{s:?}");
+        assert_eq!(s.send_latency.count, 3);
+        client.reset_stats();
+        assert_eq!(client.stats().topic(&t).sent, 0, "reset zeroes the counters");
+        c.stop().await.expect("stop");
+        shutdown(client).await;
+    })
+}
+
+/// A message whose handler always fails lands in `{topic}.dlq` after the last retry
+/// with its key, bytes and headers plus the `x-original-*` headers, and the source is
+/// committed; a corrupt compressed value goes there without retries; re-driving
+/// brings the message back to the original topic under its id and hides it from the
+/// listing.
+pub fn exhausted_message_is_dead_lettered_and_redriven(h: &dyn Harness) -> BoxFuture<'_, ()> {
+    boxed(async move {
+        let client = h.client().await.expect("connect");
+        let t = topic(&client, "dlq", 2).await;
+        let group = unique("g");
+        let healed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let calls = Arc::new(AtomicUsize::new(0));
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let (hl, cl) = (healed.clone(), calls.clone());
+        let c = client
+            .consumer(&group)
+            .from_earliest()
+            .retry(courier::Backoff::exponential(2, Duration::from_millis(50)))
+            .start([t.clone()], move |d: Delivery| {
+                let (hl, cl, tx) = (hl.clone(), cl.clone(), tx.clone());
+                async move {
+                    cl.fetch_add(1, Ordering::SeqCst);
+                    if d.key.as_deref() == Some(b"poison") && !hl.load(Ordering::SeqCst) {
+                        return Err(Error::InvalidArgument("cannot digest poison".into()));
+                    }
+                    let _ = tx.send(Got::from(&d, 0));
+                    Ok(())
+                }
+            })
+            .await
+            .expect("subscribe");
+        let p = client.producer();
+        let binary: Vec<u8> = vec![0, 255, 7, 0, 1];
+        let poison = p
+            .send(
+                Message::new(&t, binary.clone())
+                    .key("poison")
+                    .header("x-app", vec![1u8, 2, 3])
+                    .id("poison-id-1"),
+            )
+            .await
+            .expect("send");
+        let corrupt_bytes = vec![9u8, 0, 0, 0, 1, 2, 3];
+        let corrupt = p
+            .send(
+                Message::new(&t, corrupt_bytes.clone())
+                    .key("corrupt")
+                    .header("content-encoding", "lz4"),
+            )
+            .await
+            .expect("send");
+        p.send(Message::new(&t, "fine").key("fine"))
+            .await
+            .expect("send");
+        let got = recv_n(h, &mut rx, 1).await;
+        assert_eq!(got[0].text(), "fine");
+        eventually(h, "two dead letters", || client.stats().topic(&t).dead_lettered == 2).await;
+        committed_all(h, &client, &group, &t).await;
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            4,
+            "poison: 1 + 2 retries; corrupt: never reaches the handler; fine: 1"
+        );
+
+        let dlq = format!("{t}.dlq");
+        let letters = client.dead_letters().list(&dlq).await.expect("list");
+        assert_eq!(letters.len(), 2, "{letters:?}");
+        let pl = letters
+            .iter()
+            .find(|l| l.key.as_deref() == Some(b"poison"))
+            .expect("poison letter");
+        assert_eq!(pl.value.as_ref(), &binary[..], "original bytes");
+        assert_eq!(pl.headers.get("x-app").map(|b| b.as_ref()), Some(&[1u8, 2, 3][..]));
+        assert_eq!(pl.original_topic, t);
+        assert_eq!(pl.original_partition, Some(poison.partition));
+        assert_eq!(pl.original_offset, Some(poison.offset));
+        assert_eq!(pl.original_id.as_deref(), Some("poison-id-1"));
+        assert!(pl.error.contains("cannot digest poison"), "{}", pl.error);
+        assert_eq!(pl.group, group);
+        assert_eq!(pl.retry_count, 2);
+        assert!((pl.failed_at - courier::now_millis()).abs() < 120_000);
+        let cl_ = letters
+            .iter()
+            .find(|l| l.key.as_deref() == Some(b"corrupt"))
+            .expect("corrupt letter");
+        assert_eq!(cl_.value.as_ref(), &corrupt_bytes[..], "still the stored bytes");
+        assert_eq!(cl_.retry_count, 0, "corruption is not retried");
+        assert_eq!(cl_.original_offset, Some(corrupt.offset));
+        assert!(cl_.error.contains("lz4"), "{}", cl_.error);
+        assert_eq!(cl_.headers.get_str("content-encoding"), Some("lz4"));
+
+        healed.store(true, Ordering::SeqCst);
+        let chosen: Vec<_> = letters.iter().filter(|l| l.id == pl.id).cloned().collect();
+        let report = client
+            .dead_letters()
+            .redrive_letters(&chosen, 50)
+            .await
+            .expect("redrive");
+        assert_eq!(report.redriven, vec![pl.id.clone()]);
+        let back = recv_n(h, &mut rx, 1).await;
+        assert_eq!(back[0].value.as_ref(), &binary[..]);
+        assert_eq!(back[0].id, "poison-id-1");
+        assert_eq!(back[0].topic, t);
+        assert!(
+            back[0].headers.get_str("x-original-topic").is_none(),
+            "dead-letter headers are dropped on re-drive"
+        );
+        let left = client.dead_letters().list(&dlq).await.expect("list");
+        assert_eq!(left.len(), 1, "re-driven letters are hidden: {left:?}");
+        assert_eq!(left[0].id, cl_.id);
+        let s = client.stats().topic(&t);
+        assert_eq!((s.dead_lettered, s.retries), (2, 2), "{s:?}");
+        c.stop().await.expect("stop");
+        shutdown(client).await;
+    })
+}
+
+/// With dedup on, a message id seen within the window is handled once (and the
+/// duplicate is still committed).
+pub fn duplicate_id_is_handled_once(h: &dyn Harness) -> BoxFuture<'_, ()> {
+    boxed(async move {
+        let client = h.client().await.expect("connect");
+        let t = topic(&client, "dedup", 2).await;
+        let group = unique("g");
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let c = client
+            .consumer(&group)
+            .from_earliest()
+            .dedup(
+                Arc::new(courier::MemoryDedupStore::new()),
+                Duration::from_secs(600),
+            )
+            .start([t.clone()], move |d: Delivery| {
+                let tx = tx.clone();
+                async move {
+                    let _ = tx.send(Got::from(&d, 0));
+                    Ok::<(), Error>(())
+                }
+            })
+            .await
+            .expect("subscribe");
+        let p = client.producer();
+        // Duplicates of one id land on different partitions too (different keys).
+        for (i, id) in ["a", "b", "a", "c", "b", "a"].iter().enumerate() {
+            p.send(Message::new(&t, format!("{id}{i}")).key(format!("k{i}")).id(*id))
+                .await
+                .expect("send");
+        }
+        let got = recv_n(h, &mut rx, 3).await;
+        expect_silence(&mut rx, Duration::from_millis(500)).await;
+        let ids: HashSet<String> = got.iter().map(|g| g.id.clone()).collect();
+        assert_eq!(ids.len(), 3, "{got:?}");
+        committed_all(h, &client, &group, &t).await;
+        c.stop().await.expect("stop");
+        shutdown(client).await;
+    })
+}
+
+/// A trace set on send (the current context, or an OpenTelemetry producer's
+/// `traceparent`) is the trace of the handler's span and of its current context.
+pub fn trace_context_reaches_handler_span(h: &dyn Harness) -> BoxFuture<'_, ()> {
+    boxed(async move {
+        crate::capture::install();
+        let client = h.client().await.expect("connect");
+        let t = topic(&client, "trace", 1).await;
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let c = client
+            .consumer(unique("g"))
+            .from_earliest()
+            .start([t.clone()], move |d: Delivery| {
+                let tx = tx.clone();
+                async move {
+                    let ctx = courier::TraceContext::current();
+                    let span_trace = crate::capture::current_trace_id();
+                    let _ = tx.send((d.value_str()?.to_string(), d.headers.clone(), ctx, span_trace));
+                    Ok::<(), Error>(())
+                }
+            })
+            .await
+            .expect("subscribe");
+        let p = client.producer();
+        let root = courier::TraceContext::new_root();
+        root.scope(async {
+            p.send(Message::new(&t, "in-scope")).await.expect("send");
+        })
+        .await;
+        let otel = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        p.send(Message::new(&t, "otel").header("traceparent", otel))
+            .await
+            .expect("send");
+        let mut seen = Vec::new();
+        for _ in 0..2 {
+            let got = tokio::time::timeout(h.patience(), rx.recv())
+                .await
+                .expect("delivery in time")
+                .expect("channel open");
+            seen.push(got);
+        }
+        let (_, headers, ctx, span_trace) = seen.iter().find(|s| s.0 == "in-scope").expect("in-scope");
+        let want = root.trace_id_hex();
+        assert_eq!(headers.get_str("X-Trace-ID"), Some(want.as_str()));
+        assert_eq!(headers.get_str("x-trace-id"), Some(want.as_str()));
+        assert_eq!(headers.get_str("x-parent-span-id"), Some(root.span_id_hex().as_str()));
+        assert_eq!(headers.get_str("x-sampled"), Some("1"));
+        assert!(headers.get_str("x-span-id").is_some());
+        assert!(headers
+            .get_str("traceparent")
+            .is_some_and(|tp| tp.starts_with(&format!("00-{want}-"))));
+        let ctx = ctx.expect("handler runs in a trace context");
+        assert_eq!(ctx.trace_id, root.trace_id);
+        assert_eq!(span_trace.as_deref(), Some(want.as_str()), "handler span carries the trace id");
+
+        let (_, _, ctx, span_trace) = seen.iter().find(|s| s.0 == "otel").expect("otel");
+        let ctx = ctx.expect("context from traceparent");
+        assert_eq!(ctx.trace_id_hex(), "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(ctx.parent_span_id, Some(0x00f0_67aa_0ba9_02b7), "child of the producer span");
+        assert_eq!(span_trace.as_deref(), Some("4bf92f3577b34da6a3ce929d0e0e4736"));
+        c.stop().await.expect("stop");
+        shutdown(client).await;
+    })
+}
+
+/// Values over 1 KiB arrive byte-identical (compressed on the way where the backend
+/// does not compress natively); small values are untouched.
+pub fn large_values_are_compressed_transparently(h: &dyn Harness) -> BoxFuture<'_, ()> {
+    boxed(async move {
+        let client = h.client().await.expect("connect");
+        let t = topic(&client, "lz4", 1).await;
+        let big = "courier compresses repetitive payloads well. ".repeat(100);
+        let small = "tiny".to_string();
+        let p = client.producer();
+        p.send(Message::new(&t, big.clone())).await.expect("send");
+        p.send(Message::new(&t, small.clone())).await.expect("send");
+        let native = client.capabilities().native_compression;
+        let info = client.admin().describe_topic(&t).await.expect("describe");
+        assert_eq!(info.message_count(), 2);
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let c = collect(&client, &unique("g"), &[&t], OffsetReset::Earliest, 0, tx).await;
+        let got = recv_n(h, &mut rx, 2).await;
+        assert_eq!(got[0].text(), big);
+        assert_eq!(got[1].text(), small);
+        assert!(
+            got.iter().all(|g| g.headers.get("content-encoding").is_none()),
+            "decoded values lose the encoding header (native compression: {native})"
+        );
+        c.stop().await.expect("stop");
+        if !native {
+            // Without the pipeline the stored form shows: lz4, marked, smaller.
+            let (tx, mut raw) = mpsc::unbounded_channel();
+            let r = client
+                .consumer(unique("raw"))
+                .from_earliest()
+                .bare()
+                .start([t.clone()], move |d: Delivery| {
+                    let tx = tx.clone();
+                    async move {
+                        let _ = tx.send(Got::from(&d, 0));
+                        Ok::<(), Error>(())
+                    }
+                })
+                .await
+                .expect("subscribe");
+            let stored = recv_n(h, &mut raw, 2).await;
+            assert_eq!(stored[0].headers.get_str("content-encoding"), Some("lz4"));
+            assert!(stored[0].value.len() < big.len() / 4, "{}", stored[0].value.len());
+            assert_eq!(stored[1].value.as_ref(), small.as_bytes());
+            assert!(stored[1].headers.get("content-encoding").is_none());
+            r.stop().await.expect("stop");
+        }
+        shutdown(client).await;
+    })
+}
