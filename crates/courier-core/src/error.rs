@@ -132,6 +132,9 @@ pub enum Error {
     /// An operation did not finish in time.
     #[error("timed out after {0:?}")]
     Timeout(Duration),
+    /// A readiness check failed: a consumer has no partitions or lost its backend.
+    #[error("not ready: {0}")]
+    NotReady(String),
     /// A value could not be (de)serialized.
     #[error("serialization error: {0}")]
     Serialization(String),

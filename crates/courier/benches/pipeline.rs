@@ -1,1 +1,115 @@
-fn main() {}
+//! `cargo bench -p courier --bench pipeline`: the cost of the reliability pipeline
+//! (trace extract, dead-letter, retry, decompress, metrics — the default consumer
+//! stack) against a bare handler, side by side on one `memory://` store.
+//!
+//! Each round consumes the same pre-produced messages twice with fresh groups, once
+//! bare and once through the default pipeline, in alternating order; the best of the
+//! rounds of each is reported (the machine is shared, so the best is the least
+//! disturbed). Two topics: plain messages, and messages carrying W3C trace headers
+//! (what a traced producer sends), so extraction is measured too.
+//!
+//! Environment: `COURIER_BENCH_MESSAGES` (default 1,000,000), `COURIER_BENCH_ROUNDS`
+//! (default 3).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use courier::{Client, Delivery, Error, Message, TopicSpec, TraceContext};
+use tokio::sync::Notify;
+
+fn env(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
+}
+
+async fn fill(client: &Client, topic: &str, n: u64, traced: bool) {
+    client
+        .admin()
+        .create_topic(TopicSpec::new(topic, 4))
+        .await
+        .expect("create");
+    let p = client.producer();
+    let ctx = TraceContext::new_root();
+    let mut sent = 0;
+    while sent < n {
+        let k = (n - sent).min(10_000);
+        let batch: Vec<Message> = (sent..sent + k)
+            .map(|i| {
+                let mut m = Message::new(topic, format!("payload-{i:08}-xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx"))
+                    .key(format!("user-{}", i % 1000));
+                if traced {
+                    ctx.child().inject(&mut m.headers);
+                }
+                m
+            })
+            .collect();
+        p.send_batch(batch).await.expect("batch");
+        sent += k;
+    }
+}
+
+async fn consume(client: &Client, topic: &str, group: &str, n: u64, bare: bool) -> f64 {
+    let count = Arc::new(AtomicU64::new(0));
+    let done = Arc::new(Notify::new());
+    let (c2, d2) = (count.clone(), done.clone());
+    let handler = move |d: Delivery| {
+        let (c, d2) = (c2.clone(), d2.clone());
+        async move {
+            std::hint::black_box(&d.value);
+            if c.fetch_add(1, Ordering::Relaxed) + 1 == n {
+                d2.notify_one();
+            }
+            Ok::<(), Error>(())
+        }
+    };
+    let builder = client.consumer(group).from_earliest();
+    let builder = if bare { builder.bare() } else { builder };
+    let started = Instant::now();
+    let c = builder.start([topic], handler).await.expect("start");
+    tokio::time::timeout(Duration::from_secs(600), done.notified())
+        .await
+        .expect("consumed in time");
+    let rate = n as f64 / started.elapsed().as_secs_f64();
+    c.stop().await.expect("stop");
+    rate
+}
+
+fn main() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let n = env("COURIER_BENCH_MESSAGES", 1_000_000);
+        let rounds = env("COURIER_BENCH_ROUNDS", 3);
+        let client = Client::connect("memory://pipeline-bench").await.expect("connect");
+        println!("memory://, {n} messages of 64 B, 4 partitions, {rounds} rounds, best of each");
+        for (topic, traced) in [("bench.plain", false), ("bench.traced", true)] {
+            fill(&client, topic, n, traced).await;
+            let (mut bare, mut full) = (0f64, 0f64);
+            for r in 0..rounds {
+                // Alternate which runs first so warm-up and drift hit both alike.
+                let order = if r % 2 == 0 { [true, false] } else { [false, true] };
+                for b in order {
+                    let g = format!("g-{topic}-{r}-{b}");
+                    let rate = consume(&client, topic, &g, n, b).await;
+                    if b {
+                        bare = bare.max(rate);
+                    } else {
+                        full = full.max(rate);
+                    }
+                }
+            }
+            println!(
+                "{topic:<13} bare {bare:>10.0} msg/s   default pipeline {full:>10.0} msg/s   ratio {:.1}%   overhead {:.1}%",
+                100.0 * full / bare,
+                100.0 * (1.0 - full / bare)
+            );
+        }
+        client.shutdown(Duration::from_secs(30)).await.expect("shutdown");
+    });
+}

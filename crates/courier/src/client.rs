@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::connect::connect_driver;
-use crate::consumer::ConsumerBuilder;
+use crate::consumer::{ConsumerBuilder, Statuses};
 use crate::dead_letters::DeadLetters;
 use crate::producer::Producer;
 use crate::stats::{Registry, StatsSnapshot};
@@ -27,6 +27,7 @@ struct Inner {
     consumers: TaskTracker,
     producers: Mutex<Vec<Producer>>,
     stats: Arc<Registry>,
+    statuses: Statuses,
 }
 
 /// Entry point: one backend connection, chosen by URL. Cheap to clone.
@@ -61,6 +62,7 @@ impl Client {
                 consumers: TaskTracker::new(),
                 producers: Mutex::new(Vec::new()),
                 stats: Arc::new(Registry::new()),
+                statuses: Statuses::default(),
             }),
         }
     }
@@ -117,6 +119,7 @@ impl Client {
             self.inner.consumers.clone(),
             spec,
             self.inner.stats.clone(),
+            self.inner.statuses.clone(),
         )
     }
 
@@ -152,6 +155,34 @@ impl Client {
             return Err(Error::ClientClosed);
         }
         self.inner.driver.health().await
+    }
+
+    /// Readiness (SPEC R9, for `/readyz`): the backend answers a round trip and every
+    /// running consumer owns at least one partition and is connected. A member
+    /// waiting for its group to assign partitions is not ready.
+    pub async fn readiness(&self) -> Result<()> {
+        self.health_check().await?;
+        let statuses: Vec<_> = self.inner.statuses.lock().iter().cloned().collect();
+        for s in statuses.iter().filter(|s| s.is_running()) {
+            s.check()?;
+        }
+        Ok(())
+    }
+
+    /// Records each partition's lag of `group` in the `courier_consumer_lag` gauge
+    /// (labels `group`, `topic`, `partition`) and returns the total lag (SPEC O1).
+    pub async fn record_lag(&self, group: &str) -> Result<u64> {
+        let info = self.admin().describe_group(group).await?;
+        for o in &info.offsets {
+            metrics::gauge!(
+                crate::stats::names::CONSUMER_LAG,
+                "group" => group.to_string(),
+                "topic" => o.topic.clone(),
+                "partition" => o.partition.to_string()
+            )
+            .set(o.lag as f64);
+        }
+        Ok(info.total_lag())
     }
 
     /// True once [`Client::shutdown`] started.

@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -63,6 +64,44 @@ impl FailurePolicy {
 
 type UserLayer = Arc<dyn Fn(BoxedHandler) -> BoxedHandler + Send + Sync>;
 
+/// What readiness probes read about one running consumer (SPEC R9).
+#[derive(Debug)]
+pub(crate) struct ConsumerStatus {
+    pub(crate) group: String,
+    assigned: AtomicUsize,
+    connected: AtomicBool,
+    running: AtomicBool,
+}
+
+impl ConsumerStatus {
+    /// `Err` while the member owns no partition, is disconnected or has stopped.
+    pub(crate) fn check(&self) -> Result<()> {
+        if !self.running.load(Ordering::Acquire) {
+            return Err(Error::NotReady(format!("consumer of {} stopped", self.group)));
+        }
+        if !self.connected.load(Ordering::Acquire) {
+            return Err(Error::NotReady(format!(
+                "consumer of {} is disconnected",
+                self.group
+            )));
+        }
+        if self.assigned.load(Ordering::Acquire) == 0 {
+            return Err(Error::NotReady(format!(
+                "consumer of {} has no partitions",
+                self.group
+            )));
+        }
+        Ok(())
+    }
+
+    pub(crate) fn is_running(&self) -> bool {
+        self.running.load(Ordering::Acquire)
+    }
+}
+
+/// The client's list of its consumers' statuses.
+pub(crate) type Statuses = Arc<parking_lot::Mutex<Vec<Arc<ConsumerStatus>>>>;
+
 /// Builds a consumer for one group. Made by [`Client::consumer`](crate::Client::consumer).
 pub struct ConsumerBuilder {
     driver: Arc<dyn Driver>,
@@ -75,6 +114,7 @@ pub struct ConsumerBuilder {
     dedup: Option<(Arc<dyn DedupStore>, Duration)>,
     layers: Vec<UserLayer>,
     bare: bool,
+    statuses: Statuses,
 }
 
 impl ConsumerBuilder {
@@ -84,8 +124,10 @@ impl ConsumerBuilder {
         tracker: TaskTracker,
         spec: SubscribeSpec,
         registry: Arc<Registry>,
+        statuses: Statuses,
     ) -> Self {
         Self {
+            statuses,
             driver,
             shutdown,
             tracker,
@@ -217,6 +259,17 @@ impl ConsumerBuilder {
         let subscription = self.driver.subscribe(self.spec.clone()).await?;
         let stop = self.shutdown.child_token();
         let (assigned_tx, assigned_rx) = watch::channel(Vec::new());
+        let status = Arc::new(ConsumerStatus {
+            group: self.spec.group.clone(),
+            assigned: AtomicUsize::new(0),
+            connected: AtomicBool::new(true),
+            running: AtomicBool::new(true),
+        });
+        {
+            let mut all = self.statuses.lock();
+            all.retain(|s| s.is_running());
+            all.push(status.clone());
+        }
         let task = if self.bare {
             let run = Runtime {
                 subscription,
@@ -227,6 +280,7 @@ impl ConsumerBuilder {
                 .redeliver_after(),
                 stop: stop.clone(),
                 assigned: assigned_tx,
+                status: status.clone(),
             };
             self.tracker.spawn(run.run())
         } else {
@@ -267,6 +321,7 @@ impl ConsumerBuilder {
                 redeliver_after: self.policy.redeliver_after(),
                 stop: stop.clone(),
                 assigned: assigned_tx,
+                status: status.clone(),
             };
             self.tracker.spawn(run.run())
         };
@@ -330,6 +385,7 @@ struct Runtime<S> {
     redeliver_after: Duration,
     stop: CancellationToken,
     assigned: watch::Sender<Vec<TopicPartition>>,
+    status: Arc<ConsumerStatus>,
 }
 
 impl<S> Runtime<S>
@@ -354,6 +410,9 @@ where
                 }
                 Ok(None) => break,
                 Err(e) => {
+                    self.status
+                        .connected
+                        .store(self.subscription.is_connected(), Ordering::Release);
                     failures = failures.saturating_add(1);
                     let wait = Duration::from_millis(100 * u64::from(failures.min(50)));
                     tracing::warn!(error = %e, ?wait, "fetch failed; retrying");
@@ -364,6 +423,10 @@ where
                 }
             };
             let now = self.subscription.assignment();
+            self.status.assigned.store(now.len(), Ordering::Release);
+            self.status
+                .connected
+                .store(self.subscription.is_connected(), Ordering::Release);
             self.assigned.send_if_modified(|cur| {
                 if *cur == now {
                     false
@@ -393,6 +456,7 @@ where
         while tasks.join_next().await.is_some() {}
         let result = self.subscription.close().await;
         self.assigned.send_replace(Vec::new());
+        self.status.running.store(false, Ordering::Release);
         result
     }
 

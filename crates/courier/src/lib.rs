@@ -21,6 +21,7 @@
 #[cfg(doctest)]
 pub struct ReadmeDoctests;
 
+pub mod alerts;
 mod client;
 mod compress;
 mod connect;
@@ -41,6 +42,7 @@ pub use courier_core::{
     Message, OffsetReset, PartitionInfo, ProducerConfig, Receipt, Record, ResetTo, Result,
     TopicInfo, TopicPartition, TopicSpec,
 };
+pub use alerts::{Alert, AlertEvaluator, AlertRules, AlertState};
 pub use compress::{DEFAULT_THRESHOLD as COMPRESSION_THRESHOLD, HEADER_CONTENT_ENCODING};
 pub use dead_letters::{DeadLetter, DeadLetters, LetterFilter, RedriveReport, Selection, HEADER_REDRIVEN_ID};
 pub use pipeline::{Backoff, DedupStore, MemoryDedupStore, Permanent};

@@ -33,6 +33,9 @@ pub mod names {
     pub const SEND_LATENCY: &str = "courier_send_latency_seconds";
     /// End-to-end latency (message timestamp to handler start), seconds.
     pub const E2E_LATENCY: &str = "courier_e2e_latency_seconds";
+    /// Messages not yet consumed, by `group`, `topic`, `partition` (set by
+    /// [`Client::record_lag`](crate::Client::record_lag)).
+    pub const CONSUMER_LAG: &str = "courier_consumer_lag";
 }
 
 /// Log-linear histogram over microseconds: 8 sub-buckets per power of two (≤ 12.5%
