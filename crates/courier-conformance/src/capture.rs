@@ -58,9 +58,8 @@ impl<S: Subscriber + for<'a> LookupSpan<'a>> Layer<S> for Capture {
 pub fn install() {
     static ONCE: OnceLock<()> = OnceLock::new();
     ONCE.get_or_init(|| {
-        let _ = tracing::subscriber::set_global_default(
-            tracing_subscriber::registry().with(Capture),
-        );
+        let _ =
+            tracing::subscriber::set_global_default(tracing_subscriber::registry().with(Capture));
     });
 }
 

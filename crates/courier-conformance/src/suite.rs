@@ -708,7 +708,11 @@ pub fn retry_backs_off_then_commits_once(h: &dyn Harness) -> BoxFuture<'_, ()> {
         let client = h.client().await.expect("connect");
         let t = topic(&client, "retry", 1).await;
         let group = unique("g");
-        let attempts = Arc::new(parking_lot::Mutex::new(Vec::<(String, u32, tokio::time::Instant)>::new()));
+        let attempts = Arc::new(parking_lot::Mutex::new(Vec::<(
+            String,
+            u32,
+            tokio::time::Instant,
+        )>::new()));
         let (tx, mut rx) = mpsc::unbounded_channel();
         let a = attempts.clone();
         let initial = Duration::from_millis(150);
@@ -740,7 +744,11 @@ pub fn retry_backs_off_then_commits_once(h: &dyn Harness) -> BoxFuture<'_, ()> {
         }
         let got = recv_n(h, &mut rx, 3).await;
         let order: Vec<String> = got.iter().map(Got::text).collect();
-        assert_eq!(order, ["first", "flaky", "last"], "retried in place, in order");
+        assert_eq!(
+            order,
+            ["first", "flaky", "last"],
+            "retried in place, in order"
+        );
         committed_all(h, &client, &group, &t).await;
         expect_silence(&mut rx, Duration::from_millis(300)).await;
         let log = attempts.lock().clone();
@@ -753,7 +761,10 @@ pub fn retry_backs_off_then_commits_once(h: &dyn Harness) -> BoxFuture<'_, ()> {
         );
         let gap1 = flaky[1].2 - flaky[0].2;
         let gap2 = flaky[2].2 - flaky[1].2;
-        assert!(gap1 >= initial.mul_f64(0.95), "first delay {gap1:?} < {initial:?}");
+        assert!(
+            gap1 >= initial.mul_f64(0.95),
+            "first delay {gap1:?} < {initial:?}"
+        );
         assert!(
             gap2 >= (initial * 2).mul_f64(0.95),
             "second delay {gap2:?} did not grow to {:?}",
@@ -768,7 +779,11 @@ pub fn retry_backs_off_then_commits_once(h: &dyn Harness) -> BoxFuture<'_, ()> {
         assert_eq!(s.dead_lettered, 0, "{s:?}");
         assert_eq!(s.send_latency.count, 3);
         client.reset_stats();
-        assert_eq!(client.stats().topic(&t).sent, 0, "reset zeroes the counters");
+        assert_eq!(
+            client.stats().topic(&t).sent,
+            0,
+            "reset zeroes the counters"
+        );
         c.stop().await.expect("stop");
         shutdown(client).await;
     })
@@ -830,7 +845,10 @@ pub fn exhausted_message_is_dead_lettered_and_redriven(h: &dyn Harness) -> BoxFu
             .expect("send");
         let got = recv_n(h, &mut rx, 1).await;
         assert_eq!(got[0].text(), "fine");
-        eventually(h, "two dead letters", || client.stats().topic(&t).dead_lettered == 2).await;
+        eventually(h, "two dead letters", || {
+            client.stats().topic(&t).dead_lettered == 2
+        })
+        .await;
         committed_all(h, &client, &group, &t).await;
         assert_eq!(
             calls.load(Ordering::SeqCst),
@@ -846,7 +864,10 @@ pub fn exhausted_message_is_dead_lettered_and_redriven(h: &dyn Harness) -> BoxFu
             .find(|l| l.key.as_deref() == Some(b"poison"))
             .expect("poison letter");
         assert_eq!(pl.value.as_ref(), &binary[..], "original bytes");
-        assert_eq!(pl.headers.get("x-app").map(|b| b.as_ref()), Some(&[1u8, 2, 3][..]));
+        assert_eq!(
+            pl.headers.get("x-app").map(|b| b.as_ref()),
+            Some(&[1u8, 2, 3][..])
+        );
         assert_eq!(pl.original_topic, t);
         assert_eq!(pl.original_partition, Some(poison.partition));
         assert_eq!(pl.original_offset, Some(poison.offset));
@@ -859,7 +880,11 @@ pub fn exhausted_message_is_dead_lettered_and_redriven(h: &dyn Harness) -> BoxFu
             .iter()
             .find(|l| l.key.as_deref() == Some(b"corrupt"))
             .expect("corrupt letter");
-        assert_eq!(cl_.value.as_ref(), &corrupt_bytes[..], "still the stored bytes");
+        assert_eq!(
+            cl_.value.as_ref(),
+            &corrupt_bytes[..],
+            "still the stored bytes"
+        );
         assert_eq!(cl_.retry_count, 0, "corruption is not retried");
         assert_eq!(cl_.original_offset, Some(corrupt.offset));
         assert!(cl_.error.contains("lz4"), "{}", cl_.error);
@@ -918,9 +943,13 @@ pub fn duplicate_id_is_handled_once(h: &dyn Harness) -> BoxFuture<'_, ()> {
         let p = client.producer();
         // Duplicates of one id land on different partitions too (different keys).
         for (i, id) in ["a", "b", "a", "c", "b", "a"].iter().enumerate() {
-            p.send(Message::new(&t, format!("{id}{i}")).key(format!("k{i}")).id(*id))
-                .await
-                .expect("send");
+            p.send(
+                Message::new(&t, format!("{id}{i}"))
+                    .key(format!("k{i}"))
+                    .id(*id),
+            )
+            .await
+            .expect("send");
         }
         let got = recv_n(h, &mut rx, 3).await;
         expect_silence(&mut rx, Duration::from_millis(500)).await;
@@ -948,7 +977,12 @@ pub fn trace_context_reaches_handler_span(h: &dyn Harness) -> BoxFuture<'_, ()> 
                 async move {
                     let ctx = courier::TraceContext::current();
                     let span_trace = crate::capture::current_trace_id();
-                    let _ = tx.send((d.value_str()?.to_string(), d.headers.clone(), ctx, span_trace));
+                    let _ = tx.send((
+                        d.value_str()?.to_string(),
+                        d.headers.clone(),
+                        ctx,
+                        span_trace,
+                    ));
                     Ok::<(), Error>(())
                 }
             })
@@ -972,11 +1006,15 @@ pub fn trace_context_reaches_handler_span(h: &dyn Harness) -> BoxFuture<'_, ()> 
                 .expect("channel open");
             seen.push(got);
         }
-        let (_, headers, ctx, span_trace) = seen.iter().find(|s| s.0 == "in-scope").expect("in-scope");
+        let (_, headers, ctx, span_trace) =
+            seen.iter().find(|s| s.0 == "in-scope").expect("in-scope");
         let want = root.trace_id_hex();
         assert_eq!(headers.get_str("X-Trace-ID"), Some(want.as_str()));
         assert_eq!(headers.get_str("x-trace-id"), Some(want.as_str()));
-        assert_eq!(headers.get_str("x-parent-span-id"), Some(root.span_id_hex().as_str()));
+        assert_eq!(
+            headers.get_str("x-parent-span-id"),
+            Some(root.span_id_hex().as_str())
+        );
         assert_eq!(headers.get_str("x-sampled"), Some("1"));
         assert!(headers.get_str("x-span-id").is_some());
         assert!(headers
@@ -984,13 +1022,24 @@ pub fn trace_context_reaches_handler_span(h: &dyn Harness) -> BoxFuture<'_, ()> 
             .is_some_and(|tp| tp.starts_with(&format!("00-{want}-"))));
         let ctx = ctx.expect("handler runs in a trace context");
         assert_eq!(ctx.trace_id, root.trace_id);
-        assert_eq!(span_trace.as_deref(), Some(want.as_str()), "handler span carries the trace id");
+        assert_eq!(
+            span_trace.as_deref(),
+            Some(want.as_str()),
+            "handler span carries the trace id"
+        );
 
         let (_, _, ctx, span_trace) = seen.iter().find(|s| s.0 == "otel").expect("otel");
         let ctx = ctx.expect("context from traceparent");
         assert_eq!(ctx.trace_id_hex(), "4bf92f3577b34da6a3ce929d0e0e4736");
-        assert_eq!(ctx.parent_span_id, Some(0x00f0_67aa_0ba9_02b7), "child of the producer span");
-        assert_eq!(span_trace.as_deref(), Some("4bf92f3577b34da6a3ce929d0e0e4736"));
+        assert_eq!(
+            ctx.parent_span_id,
+            Some(0x00f0_67aa_0ba9_02b7),
+            "child of the producer span"
+        );
+        assert_eq!(
+            span_trace.as_deref(),
+            Some("4bf92f3577b34da6a3ce929d0e0e4736")
+        );
         c.stop().await.expect("stop");
         shutdown(client).await;
     })
@@ -1016,7 +1065,8 @@ pub fn large_values_are_compressed_transparently(h: &dyn Harness) -> BoxFuture<'
         assert_eq!(got[0].text(), big);
         assert_eq!(got[1].text(), small);
         assert!(
-            got.iter().all(|g| g.headers.get("content-encoding").is_none()),
+            got.iter()
+                .all(|g| g.headers.get("content-encoding").is_none()),
             "decoded values lose the encoding header (native compression: {native})"
         );
         c.stop().await.expect("stop");
@@ -1038,7 +1088,11 @@ pub fn large_values_are_compressed_transparently(h: &dyn Harness) -> BoxFuture<'
                 .expect("subscribe");
             let stored = recv_n(h, &mut raw, 2).await;
             assert_eq!(stored[0].headers.get_str("content-encoding"), Some("lz4"));
-            assert!(stored[0].value.len() < big.len() / 4, "{}", stored[0].value.len());
+            assert!(
+                stored[0].value.len() < big.len() / 4,
+                "{}",
+                stored[0].value.len()
+            );
             assert_eq!(stored[1].value.as_ref(), small.as_bytes());
             assert!(stored[1].headers.get("content-encoding").is_none());
             r.stop().await.expect("stop");

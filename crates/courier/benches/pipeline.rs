@@ -38,8 +38,11 @@ async fn fill(client: &Client, topic: &str, n: u64, traced: bool) {
         let k = (n - sent).min(10_000);
         let batch: Vec<Message> = (sent..sent + k)
             .map(|i| {
-                let mut m = Message::new(topic, format!("payload-{i:08}-xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx"))
-                    .key(format!("user-{}", i % 1000));
+                let mut m = Message::new(
+                    topic,
+                    format!("payload-{i:08}-xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx"),
+                )
+                .key(format!("user-{}", i % 1000));
                 if traced {
                     ctx.child().inject(&mut m.headers);
                 }

@@ -143,8 +143,22 @@ impl AlertEvaluator {
         let lag_v = lag.unwrap_or(0) as f64;
         let r = self.rules.clone();
         vec![
-            self.rule(0, now, lag_v, r.max_lag as f64, lag_v > r.max_lag as f64, r.lag_for),
-            self.rule(1, now, drop, r.throughput_drop, drop > r.throughput_drop, r.throughput_for),
+            self.rule(
+                0,
+                now,
+                lag_v,
+                r.max_lag as f64,
+                lag_v > r.max_lag as f64,
+                r.lag_for,
+            ),
+            self.rule(
+                1,
+                now,
+                drop,
+                r.throughput_drop,
+                drop > r.throughput_drop,
+                r.throughput_for,
+            ),
             self.rule(
                 2,
                 now,
@@ -172,7 +186,15 @@ impl AlertEvaluator {
         ]
     }
 
-    fn rule(&mut self, i: usize, now: i64, value: f64, threshold: f64, holds: bool, hold: Duration) -> Alert {
+    fn rule(
+        &mut self,
+        i: usize,
+        now: i64,
+        value: f64,
+        threshold: f64,
+        holds: bool,
+        hold: Duration,
+    ) -> Alert {
         if !holds {
             self.since[i] = None;
         } else if self.since[i].is_none() {
@@ -217,7 +239,11 @@ mod tests {
     }
 
     fn state(alerts: &[Alert], name: &str) -> AlertState {
-        alerts.iter().find(|a| a.name == name).map(|a| a.state).unwrap()
+        alerts
+            .iter()
+            .find(|a| a.name == name)
+            .map(|a| a.state)
+            .unwrap()
     }
 
     #[test]

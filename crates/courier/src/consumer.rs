@@ -77,7 +77,10 @@ impl ConsumerStatus {
     /// `Err` while the member owns no partition, is disconnected or has stopped.
     pub(crate) fn check(&self) -> Result<()> {
         if !self.running.load(Ordering::Acquire) {
-            return Err(Error::NotReady(format!("consumer of {} stopped", self.group)));
+            return Err(Error::NotReady(format!(
+                "consumer of {} stopped",
+                self.group
+            )));
         }
         if !self.connected.load(Ordering::Acquire) {
             return Err(Error::NotReady(format!(
@@ -301,7 +304,8 @@ impl ConsumerBuilder {
             };
             let metered = MetricsLayer::new(counters.clone()).layer(inner);
             let decompressed = DecompressLayer.layer(metered);
-            let retried = RetryLayer::new(backoff, stop.clone(), counters.clone()).layer(decompressed);
+            let retried =
+                RetryLayer::new(backoff, stop.clone(), counters.clone()).layer(decompressed);
             let deduped = DedupService::optional(
                 retried,
                 self.dedup

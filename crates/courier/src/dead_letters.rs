@@ -16,9 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use courier_core::{
-    Delivery, Error, Headers, Message, OffsetReset, Record, Result, SubscribeSpec,
-};
+use courier_core::{Delivery, Error, Headers, Message, OffsetReset, Record, Result, SubscribeSpec};
 use serde::{Deserialize, Serialize};
 
 use crate::pipeline::dead_letter as dl;
@@ -87,11 +85,16 @@ impl DeadLetter {
             dlq_partition: d.partition,
             dlq_offset: d.offset,
             original_topic,
-            original_partition: h.get_str(dl::ORIGINAL_PARTITION).and_then(|s| s.parse().ok()),
+            original_partition: h
+                .get_str(dl::ORIGINAL_PARTITION)
+                .and_then(|s| s.parse().ok()),
             original_offset: h.get_str(dl::ORIGINAL_OFFSET).and_then(|s| s.parse().ok()),
             original_id: h.get_str(dl::ORIGINAL_ID).map(str::to_string),
             error: h.get_str(dl::ERROR_MESSAGE).unwrap_or_default().to_string(),
-            group: h.get_str(dl::CONSUMER_GROUP).unwrap_or_default().to_string(),
+            group: h
+                .get_str(dl::CONSUMER_GROUP)
+                .unwrap_or_default()
+                .to_string(),
             retry_count: h
                 .get_str(dl::RETRY_COUNT)
                 .and_then(|s| s.parse().ok())
@@ -161,7 +164,7 @@ impl Selection {
     fn selects(&self, l: &DeadLetter) -> bool {
         match self {
             Selection::All => true,
-            Selection::Ids(ids) => ids.iter().any(|i| *i == l.id),
+            Selection::Ids(ids) => ids.contains(&l.id),
             Selection::Matching(m) => m.matches(l),
             Selection::Filter(f) => f(l),
         }
@@ -228,20 +231,22 @@ impl DeadLetters {
             }
             let now = tokio::time::Instant::now();
             if now >= deadline {
-                tracing::warn!(dlq = dlq_topic, "dead-letter listing incomplete: backend too slow");
+                tracing::warn!(
+                    dlq = dlq_topic,
+                    "dead-letter listing incomplete: backend too slow"
+                );
                 break Ok(());
             }
             if !dense && !letters.is_empty() && now.duration_since(last_news) >= LIST_IDLE {
                 break Ok(());
             }
-            let batch = match tokio::time::timeout(Duration::from_millis(500), sub.next_batch(512))
-                .await
-            {
-                Err(_) => continue,
-                Ok(Ok(Some(b))) => b,
-                Ok(Ok(None)) => break Ok(()),
-                Ok(Err(e)) => break Err(e),
-            };
+            let batch =
+                match tokio::time::timeout(Duration::from_millis(500), sub.next_batch(512)).await {
+                    Err(_) => continue,
+                    Ok(Ok(Some(b))) => b,
+                    Ok(Ok(None)) => break Ok(()),
+                    Ok(Err(e)) => break Err(e),
+                };
             for d in batch {
                 last_news = tokio::time::Instant::now();
                 if let Some(end) = remaining.get(&d.partition).copied() {

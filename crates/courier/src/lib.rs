@@ -33,7 +33,9 @@ pub mod stats;
 pub mod trace;
 mod validate;
 
+pub use alerts::{Alert, AlertEvaluator, AlertRules, AlertState};
 pub use client::{Admin, Client};
+pub use compress::{DEFAULT_THRESHOLD as COMPRESSION_THRESHOLD, HEADER_CONTENT_ENCODING};
 pub use connect::supported_schemes;
 pub use consumer::{ConsumerBuilder, ConsumerHandle, FailurePolicy};
 pub use courier_core::{
@@ -42,9 +44,9 @@ pub use courier_core::{
     Message, OffsetReset, PartitionInfo, ProducerConfig, Receipt, Record, ResetTo, Result,
     TopicInfo, TopicPartition, TopicSpec,
 };
-pub use alerts::{Alert, AlertEvaluator, AlertRules, AlertState};
-pub use compress::{DEFAULT_THRESHOLD as COMPRESSION_THRESHOLD, HEADER_CONTENT_ENCODING};
-pub use dead_letters::{DeadLetter, DeadLetters, LetterFilter, RedriveReport, Selection, HEADER_REDRIVEN_ID};
+pub use dead_letters::{
+    DeadLetter, DeadLetters, LetterFilter, RedriveReport, Selection, HEADER_REDRIVEN_ID,
+};
 pub use pipeline::{Backoff, DedupStore, MemoryDedupStore, Permanent};
 pub use producer::{Producer, SendHandle};
 pub use stats::{install_prometheus_recorder, StatsSnapshot, TopicStats};

@@ -68,7 +68,8 @@ impl Producer {
         max_buffered: usize,
         stats: Arc<Registry>,
     ) -> Self {
-        let compress_over = (!driver.capabilities().native_compression).then_some(DEFAULT_THRESHOLD);
+        let compress_over =
+            (!driver.capabilities().native_compression).then_some(DEFAULT_THRESHOLD);
         let inner = Arc::new(Inner {
             driver,
             max_message_size,
@@ -275,11 +276,7 @@ async fn run_flusher(inner: Arc<Inner>) {
 }
 
 /// Publishes one batch, in the background when the driver allows several in flight.
-async fn dispatch(
-    inner: &Arc<Inner>,
-    permits: &Arc<Semaphore>,
-    batch: Vec<Pending>,
-) {
+async fn dispatch(inner: &Arc<Inner>, permits: &Arc<Semaphore>, batch: Vec<Pending>) {
     let Ok(permit) = permits.clone().acquire_owned().await else {
         return;
     };

@@ -272,7 +272,9 @@ impl TopicEntry {
     }
 
     fn all(&self) -> impl Iterator<Item = &Arc<Counters>> {
-        self.producer.iter().chain(self.groups.iter().map(|(_, c)| c))
+        self.producer
+            .iter()
+            .chain(self.groups.iter().map(|(_, c)| c))
     }
 }
 

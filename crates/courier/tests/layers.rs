@@ -16,7 +16,9 @@ async fn timeout_layer_fails_the_attempt_and_retry_recovers() {
         .consumer("layers.group")
         .from_earliest()
         .retry(Backoff::exponential(2, Duration::from_millis(20)))
-        .layer(tower::timeout::TimeoutLayer::new(Duration::from_millis(100)))
+        .layer(tower::timeout::TimeoutLayer::new(Duration::from_millis(
+            100,
+        )))
         .layer(tower::limit::ConcurrencyLimitLayer::new(1))
         .start(["layers.events"], move |d: Delivery| {
             let (calls, tx) = (c2.clone(), tx.clone());
@@ -43,7 +45,14 @@ async fn timeout_layer_fails_the_attempt_and_retry_recovers() {
     assert_eq!(attempt, 2, "the second attempt succeeded");
     assert_eq!(calls.load(Ordering::SeqCst), 2);
     let s = client.stats().topic("layers.events");
-    assert_eq!((s.consume_errors, s.retries, s.consumed), (1, 1, 1), "{s:?}");
+    assert_eq!(
+        (s.consume_errors, s.retries, s.consumed),
+        (1, 1, 1),
+        "{s:?}"
+    );
     c.stop().await.expect("stop");
-    client.shutdown(Duration::from_secs(10)).await.expect("shutdown");
+    client
+        .shutdown(Duration::from_secs(10))
+        .await
+        .expect("shutdown");
 }

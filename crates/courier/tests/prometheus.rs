@@ -40,7 +40,9 @@ async fn prometheus_renders_counts_and_rules_name_real_metrics() {
         "{text}"
     );
     assert!(
-        text.contains(r#"courier_messages_consumed_total{topic="prom.events",group="prom.group"} 5"#),
+        text.contains(
+            r#"courier_messages_consumed_total{topic="prom.events",group="prom.group"} 5"#
+        ),
         "{text}"
     );
     assert!(text.contains("courier_send_latency_seconds"), "{text}");
@@ -71,7 +73,10 @@ async fn prometheus_renders_counts_and_rules_name_real_metrics() {
     ] {
         assert!(rules.contains(metric), "rules use {metric}");
     }
-    client.shutdown(Duration::from_secs(10)).await.expect("shutdown");
+    client
+        .shutdown(Duration::from_secs(10))
+        .await
+        .expect("shutdown");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -88,7 +93,9 @@ async fn readiness_fails_without_partitions_and_after_shutdown() {
         .start(["ready.events"], noop)
         .await
         .expect("a");
-    a.wait_assigned(1, Duration::from_secs(20)).await.expect("assigned");
+    a.wait_assigned(1, Duration::from_secs(20))
+        .await
+        .expect("assigned");
     // Readiness reads what the fetch loop last saw; give it one round.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     while client.readiness().await.is_err() {
@@ -104,6 +111,9 @@ async fn readiness_fails_without_partitions_and_after_shutdown() {
     assert!(matches!(client.readiness().await, Err(Error::NotReady(_))));
     b.stop().await.expect("stop b");
     a.stop().await.expect("stop a");
-    client.shutdown(Duration::from_secs(10)).await.expect("shutdown");
+    client
+        .shutdown(Duration::from_secs(10))
+        .await
+        .expect("shutdown");
     assert!(client.readiness().await.is_err());
 }

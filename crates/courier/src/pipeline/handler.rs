@@ -51,7 +51,10 @@ where
         // A panic becomes an ordinary failure, so a poison message is retried and
         // dead-lettered instead of blocking its partition forever.
         async move {
-            match AssertUnwindSafe(async move { f(d).await }).catch_unwind().await {
+            match AssertUnwindSafe(async move { f(d).await })
+                .catch_unwind()
+                .await
+            {
                 Ok(r) => r.map_err(Into::into),
                 Err(_) => Err(BoxError::from("handler panicked")),
             }
