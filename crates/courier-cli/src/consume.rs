@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::Context;
 use base64::Engine;
 use bytes::Bytes;
-use courier::{Client, Delivery, Error, OffsetReset};
+use courier::{Client, Delivery, Error, FailurePolicy, OffsetReset};
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, oneshot};
 
@@ -61,6 +61,11 @@ pub async fn run(client: &Client, args: Args) -> anyhow::Result<()> {
         .auto_offset_reset(match args.from {
             From::Earliest => OffsetReset::Earliest,
             From::Latest => OffsetReset::Latest,
+        })
+        // A line not printed (output closed, --max reached) must simply stay
+        // uncommitted, never be retried into a dead-letter topic.
+        .failure_policy(FailurePolicy::Redeliver {
+            after: Duration::from_secs(1),
         })
         .start(args.topic.clone(), move |d: Delivery| {
             let tx = tx.clone();

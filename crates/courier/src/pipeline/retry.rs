@@ -222,6 +222,11 @@ where
                     Ok(()) => return Ok(()),
                     Err(e) => e,
                 };
+                if stop.is_cancelled() {
+                    // A handler failing while its consumer stops (e.g. its output
+                    // closed) is not the message's fault: redeliver, don't bury it.
+                    return Err(Box::new(Interrupted) as BoxError);
+                }
                 if retries >= backoff.max_retries || !backoff.is_retryable(&e) {
                     return Err(Box::new(Exhausted {
                         retries,
