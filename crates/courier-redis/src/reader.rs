@@ -80,6 +80,7 @@ impl Reader {
                 }
                 Err(e) => {
                     self.unmark(&asks);
+                    self.reread_after_failure(&asks);
                     self.requeue(acks);
                     failures = failures.saturating_add(1);
                     let wait = Duration::from_millis(50 * u64::from(failures.min(40)));
@@ -157,6 +158,19 @@ impl Reader {
         }
         drop(parts);
         self.shared.wake_coordinator.notify_one();
+    }
+
+    /// A read whose reply was lost may still have moved entries into this member's
+    /// PEL; reading the PEL from the next expected offset delivers them.
+    fn reread_after_failure(&self, asks: &[Ask]) {
+        let mut parts = self.shared.parts();
+        for a in asks {
+            if let Some(p) = parts.get_mut(&a.tp) {
+                if p.epoch == a.epoch && p.mode == Mode::New {
+                    p.mode = Mode::History { from: p.next };
+                }
+            }
+        }
     }
 
     /// Puts acks back after a failed send (XACK is idempotent, so resending is safe).
@@ -247,6 +261,7 @@ impl Reader {
                 let Some((offset, fields)) = entry_parts(entry) else {
                     continue;
                 };
+                p.next = p.next.max(offset + 1);
                 if let Mode::History { from } = &mut p.mode {
                     *from = offset + 1;
                 }

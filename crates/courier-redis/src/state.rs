@@ -38,6 +38,8 @@ pub(crate) struct Part {
     /// Acknowledged, not yet sent with `XACK`.
     pub acked: Vec<u64>,
     pub mode: Mode,
+    /// One past the highest offset delivered so far.
+    pub next: u64,
     pub paused_until: Option<Instant>,
     /// Being handed over: not read any more; released once settled (or at the deadline).
     pub revoking: Option<Instant>,
@@ -56,6 +58,7 @@ impl Part {
             outstanding: BTreeMap::new(),
             acked: Vec::new(),
             mode: Mode::History { from: 0 },
+            next: 0,
             paused_until: None,
             revoking: None,
             in_read: false,
