@@ -409,3 +409,42 @@ impl Coordinator {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn members(list: &[(&str, &[&str])]) -> BTreeMap<String, BTreeSet<String>> {
+        list.iter()
+            .map(|(m, ts)| (m.to_string(), ts.iter().map(|t| t.to_string()).collect()))
+            .collect()
+    }
+
+    #[test]
+    fn partitions_spread_evenly_and_disjointly() {
+        let m = members(&[("a", &["t", "u"]), ("b", &["t", "u"]), ("c", &["t", "u"])]);
+        let parts: BTreeMap<String, u32> = [("t".to_string(), 4), ("u".to_string(), 3)].into();
+        let all: Vec<BTreeSet<(String, u32)>> =
+            ["a", "b", "c"].iter().map(|me| assign(me, &m, &parts)).collect();
+        let sizes: Vec<usize> = all.iter().map(|s| s.len()).collect();
+        assert_eq!(sizes.iter().sum::<usize>(), 7);
+        assert!(sizes.iter().all(|s| (2..=3).contains(s)), "{sizes:?}");
+        for i in 0..3 {
+            for j in (i + 1)..3 {
+                assert!(all[i].is_disjoint(&all[j]));
+            }
+        }
+    }
+
+    #[test]
+    fn only_subscribers_of_a_topic_get_its_partitions() {
+        let m = members(&[("a", &["t"]), ("b", &["u"])]);
+        let parts: BTreeMap<String, u32> = [("t".to_string(), 2), ("u".to_string(), 2)].into();
+        assert_eq!(
+            assign("a", &m, &parts),
+            [("t".to_string(), 0), ("t".to_string(), 1)].into()
+        );
+        assert_eq!(assign("b", &m, &parts).len(), 2);
+        assert!(assign("c", &m, &parts).is_empty());
+    }
+}
