@@ -23,6 +23,8 @@ pub(crate) struct TopicMeta {
     pub partitions: u32,
     /// `MAXLEN ~` bound applied on every add.
     pub max_len: Option<u64>,
+    /// Entries older than this (by their stored timestamp) are trimmed.
+    pub retention_ms: Option<i64>,
 }
 
 impl TopicMeta {
@@ -33,6 +35,7 @@ impl TopicMeta {
                 .config
                 .get(RETENTION_MESSAGES)
                 .and_then(|v| v.parse().ok()),
+            retention_ms: spec.retention_ms.filter(|ms| *ms > 0),
         }
     }
 }

@@ -20,6 +20,44 @@ use crate::{redis_error, resp, BACKEND};
 const META_TTL: Duration = Duration::from_secs(30);
 /// How long `WAIT` waits for replicas (acks = -1).
 const WAIT_REPLICAS: Duration = Duration::from_secs(5);
+/// Least time between two time-based trims of one partition.
+const TRIM_EVERY: Duration = Duration::from_secs(1);
+
+/// Trims a partition stream to the entries whose stored timestamp (bytes 2–9 of the
+/// `m` field, big-endian ms) is at least ARGV[1]: binary search over the dense
+/// sequence numbers, then `XTRIM MINID`. Timestamps are assumed to grow with offsets
+/// (they do for messages stamped on send).
+const TRIM_BY_TIME: &str = r"
+local function seq(id) return tonumber(string.match(id, '^0%-(%d+)$')) end
+local function ts(entry)
+  local f = entry[2]
+  for i = 1, #f, 2 do
+    if f[i] == 'm' then
+      local m, t = f[i + 1], 0
+      for j = 2, 9 do t = t * 256 + string.byte(m, j) end
+      return t
+    end
+  end
+  return nil
+end
+local first = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)
+local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
+if #first == 0 or #last == 0 then return 0 end
+local lo, hi = seq(first[1][1]), seq(last[1][1]) + 1
+if lo == nil or hi == nil then return 0 end
+local cutoff = tonumber(ARGV[1])
+while lo < hi do
+  local mid = math.floor((lo + hi) / 2)
+  local e = redis.call('XRANGE', KEYS[1], '0-' .. mid, '+', 'COUNT', 1)
+  if #e == 0 then
+    hi = mid
+  else
+    local t = ts(e[1])
+    if t == nil or t >= cutoff then hi = mid else lo = seq(e[1][1]) + 1 end
+  end
+end
+return redis.call('XTRIM', KEYS[1], 'MINID', '0-' .. lo)
+";
 
 struct Cached {
     meta: TopicMeta,
@@ -33,6 +71,8 @@ pub(crate) struct Publisher {
     conn: ConnectionManager,
     admin: Arc<Admin>,
     topics: Mutex<HashMap<String, Cached>>,
+    /// When each partition was last trimmed by time.
+    trimmed: Mutex<HashMap<(String, u32), Instant>>,
     acks: Acks,
     retry_max: u32,
     default_partitions: u32,
@@ -51,6 +91,7 @@ impl Publisher {
             conn,
             admin,
             topics: Mutex::new(HashMap::new()),
+            trimmed: Mutex::new(HashMap::new()),
             acks: config.producer.acks,
             retry_max: config.producer.retry_max,
             default_partitions: config.default_partitions.max(1),
@@ -145,6 +186,7 @@ impl Publisher {
                 .arg(FIELD_VALUE)
                 .arg(r.value.as_ref());
         }
+        let trims = self.push_trims(&mut pipe, &batch, &partitions, &chosen);
         let wait = self.acks == Acks::All && self.replicas > 0;
         if wait {
             pipe.cmd("WAIT")
@@ -160,6 +202,13 @@ impl Publisher {
                     wanted = self.replicas,
                     "not every replica confirmed the batch in time"
                 );
+            }
+        }
+        if trims > 0 {
+            for reply in &replies[total..total + trims] {
+                if let Value::ServerError(e) = reply {
+                    tracing::warn!(error = ?e, "retention trim failed");
+                }
             }
         }
         let mut receipts = Vec::with_capacity(total);
@@ -195,6 +244,44 @@ impl Publisher {
                 source: Box::new(e),
             }),
         }
+    }
+
+    /// Adds a time-based trim of every touched partition of a topic with `retentionMs`
+    /// whose last trim is older than [`TRIM_EVERY`]; returns how many were added.
+    fn push_trims(
+        &self,
+        pipe: &mut redis::Pipeline,
+        batch: &[Record],
+        partitions: &[u32],
+        chosen: &HashMap<&str, (TopicMeta, u32)>,
+    ) -> usize {
+        if chosen.values().all(|(m, _)| m.retention_ms.is_none()) {
+            return 0;
+        }
+        let Ok(mut trimmed) = self.trimmed.lock() else {
+            return 0;
+        };
+        let now = Instant::now();
+        let mut added = 0;
+        for (r, p) in batch.iter().zip(partitions) {
+            let Some(ms) = chosen[r.topic.as_str()].0.retention_ms else {
+                continue;
+            };
+            let due = trimmed
+                .get(&(r.topic.clone(), *p))
+                .is_none_or(|t| now.duration_since(*t) >= TRIM_EVERY);
+            if !due {
+                continue;
+            }
+            trimmed.insert((r.topic.clone(), *p), now);
+            pipe.cmd("EVAL")
+                .arg(TRIM_BY_TIME)
+                .arg(1)
+                .arg(self.admin.keys().stream(&r.topic, *p))
+                .arg(courier_core::now_millis().saturating_sub(ms));
+            added += 1;
+        }
+        added
     }
 
     /// Sends the pipeline; a broken connection is retried up to `retry_max` times (the
