@@ -51,7 +51,10 @@ async fn retention_by_count_and_by_age() {
     for t in [&by_count, &by_age] {
         admin.delete_topic(t).await.expect("delete");
     }
-    client.shutdown(Duration::from_secs(10)).await.expect("shutdown");
+    client
+        .shutdown(Duration::from_secs(10))
+        .await
+        .expect("shutdown");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -105,7 +108,10 @@ async fn lag_pending_and_reset() {
     }
     assert_eq!(g.total_lag(), 15, "{g:?}");
     let pending: u64 = g.offsets.iter().filter_map(|o| o.pending).sum();
-    assert_eq!(pending, 15, "everything else was delivered and is unsettled: {g:?}");
+    assert_eq!(
+        pending, 15,
+        "everything else was delivered and is unsettled: {g:?}"
+    );
     assert_eq!(g.members.len(), 1);
     assert_eq!(g.members[0].assignment.len(), 2);
     assert!(matches!(
@@ -130,5 +136,8 @@ async fn lag_pending_and_reset() {
     let p0 = g.offsets.iter().find(|o| o.partition == 0).expect("p0");
     assert_eq!(p0.committed, Some(3.min(p0.end_offset)));
     admin.delete_topic(&t).await.expect("delete");
-    client.shutdown(Duration::from_secs(10)).await.expect("shutdown");
+    client
+        .shutdown(Duration::from_secs(10))
+        .await
+        .expect("shutdown");
 }

@@ -48,7 +48,14 @@ impl PrivateRedis {
     fn spawn(&mut self) {
         let child = Command::new("redis-server")
             .args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])
-            .args(["--save", "", "--appendonly", "yes", "--appendfsync", "always"])
+            .args([
+                "--save",
+                "",
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+            ])
             .arg("--dir")
             .arg(self.dir.path())
             .stdout(Stdio::null())
@@ -88,7 +95,10 @@ fn wait_ready(port: u16, dir: &Path) {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    panic!("private redis on {port} (dir {}) never answered", dir.display());
+    panic!(
+        "private redis on {port} (dir {}) never answered",
+        dir.display()
+    );
 }
 
 fn fast(url: String) -> Config {
@@ -100,7 +110,9 @@ fn fast(url: String) -> Config {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_restart_loses_no_acknowledged_message() {
     let mut server = PrivateRedis::start();
-    let client = Client::connect_with(fast(server.url())).await.expect("connect");
+    let client = Client::connect_with(fast(server.url()))
+        .await
+        .expect("connect");
     let t = unique("fault");
     client
         .admin()
@@ -173,7 +185,11 @@ async fn server_restart_loses_no_acknowledged_message() {
         seen.len(),
         lost.len()
     );
-    assert!(lost.is_empty(), "acknowledged messages lost: {}", lost.len());
+    assert!(
+        lost.is_empty(),
+        "acknowledged messages lost: {}",
+        lost.len()
+    );
     consumer.stop().await.expect("stop");
     client
         .shutdown(Duration::from_secs(10))
@@ -253,7 +269,11 @@ async fn killed_member_is_taken_over() {
         }
     }
     assert_eq!(got, used.len(), "the child took every partition");
-    let g = client.admin().describe_group(&group).await.expect("describe");
+    let g = client
+        .admin()
+        .describe_group(&group)
+        .await
+        .expect("describe");
     let pending: u64 = g.offsets.iter().filter_map(|o| o.pending).sum();
     assert!(pending >= 2, "the child holds pending messages: {g:?}");
 

@@ -109,7 +109,9 @@ impl Admin {
 
     pub(crate) async fn create_topic(&self, spec: TopicSpec) -> Result<()> {
         if spec.partitions == 0 {
-            return Err(Error::InvalidArgument("partitions must be at least 1".into()));
+            return Err(Error::InvalidArgument(
+                "partitions must be at least 1".into(),
+            ));
         }
         if let Some(v) = spec.config.get(RETENTION_MESSAGES) {
             v.parse::<u64>().map_err(|_| {
@@ -199,7 +201,11 @@ impl Admin {
         })
     }
 
-    async fn update_spec(&self, name: &str, f: impl FnOnce(&mut TopicSpec) -> Result<()>) -> Result<()> {
+    async fn update_spec(
+        &self,
+        name: &str,
+        f: impl FnOnce(&mut TopicSpec) -> Result<()>,
+    ) -> Result<()> {
         let mut spec = self
             .spec(name)
             .await?
@@ -207,7 +213,12 @@ impl Admin {
         f(&mut spec)?;
         let json = serde_json::to_vec(&spec)?;
         let _: i64 = self
-            .query(redis::cmd("HSET").arg(self.keys.topics()).arg(name).arg(json))
+            .query(
+                redis::cmd("HSET")
+                    .arg(self.keys.topics())
+                    .arg(name)
+                    .arg(json),
+            )
             .await?;
         Ok(())
     }
@@ -410,7 +421,12 @@ impl Admin {
                 .await?;
             let ids: Vec<Vec<u8>> = resp::items(&pending)
                 .iter()
-                .filter_map(|e| resp::items(e).first().and_then(resp::bytes).map(<[u8]>::to_vec))
+                .filter_map(|e| {
+                    resp::items(e)
+                        .first()
+                        .and_then(resp::bytes)
+                        .map(<[u8]>::to_vec)
+                })
                 .collect();
             if ids.is_empty() {
                 return Ok(());

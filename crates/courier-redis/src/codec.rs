@@ -160,7 +160,9 @@ mod tests {
         assert_eq!(m.headers, headers);
         let keyless = Record { key: None, ..r };
         assert_eq!(
-            decode_meta(&Bytes::from(encode_meta(&keyless))).unwrap().key,
+            decode_meta(&Bytes::from(encode_meta(&keyless)))
+                .unwrap()
+                .key,
             None
         );
         assert!(decode_meta(&Bytes::from_static(b"\x01\0\0")).is_err());

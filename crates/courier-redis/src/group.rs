@@ -424,8 +424,10 @@ mod tests {
     fn partitions_spread_evenly_and_disjointly() {
         let m = members(&[("a", &["t", "u"]), ("b", &["t", "u"]), ("c", &["t", "u"])]);
         let parts: BTreeMap<String, u32> = [("t".to_string(), 4), ("u".to_string(), 3)].into();
-        let all: Vec<BTreeSet<(String, u32)>> =
-            ["a", "b", "c"].iter().map(|me| assign(me, &m, &parts)).collect();
+        let all: Vec<BTreeSet<(String, u32)>> = ["a", "b", "c"]
+            .iter()
+            .map(|me| assign(me, &m, &parts))
+            .collect();
         let sizes: Vec<usize> = all.iter().map(|s| s.len()).collect();
         assert_eq!(sizes.iter().sum::<usize>(), 7);
         assert!(sizes.iter().all(|s| (2..=3).contains(s)), "{sizes:?}");

@@ -23,8 +23,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use courier_core::{
-    Capabilities, Config, Driver, Error, GroupInfo, OffsetReset, Receipt, Record, ResetTo,
-    Result, SubscribeSpec, Subscription, TopicInfo, TopicSpec,
+    Capabilities, Config, Driver, Error, GroupInfo, OffsetReset, Receipt, Record, ResetTo, Result,
+    SubscribeSpec, Subscription, TopicInfo, TopicSpec,
 };
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::sync::mpsc;
@@ -48,8 +48,7 @@ pub const DEFAULT_PREFIX: &str = "courier:";
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub(crate) fn redis_error(e: redis::RedisError) -> Error {
-    if e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() || e.is_timeout()
-    {
+    if e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() || e.is_timeout() {
         Error::connection(BACKEND, e)
     } else {
         Error::backend(BACKEND, e)
@@ -184,7 +183,10 @@ impl Driver for RedisDriver {
             }
         }
         let mut pipe = redis::pipe();
-        pipe.cmd("SADD").arg(keys.groups()).arg(&spec.group).ignore();
+        pipe.cmd("SADD")
+            .arg(keys.groups())
+            .arg(&spec.group)
+            .ignore();
         pipe.cmd("SADD")
             .arg(keys.group_topics(&spec.group))
             .arg(&spec.topics)
@@ -300,7 +302,10 @@ mod tests {
     fn prefix_is_taken_off_the_url() {
         assert_eq!(
             split_prefix("redis://h:1/2?prefix=x:&protocol=resp3"),
-            ("redis://h:1/2?protocol=resp3".to_string(), Some("x:".into()))
+            (
+                "redis://h:1/2?protocol=resp3".to_string(),
+                Some("x:".into())
+            )
         );
         assert_eq!(split_prefix("redis://h"), ("redis://h".to_string(), None));
     }

@@ -176,7 +176,9 @@ impl Publisher {
                 (None, None) => *sticky,
             };
             partitions.push(partition);
-            let cmd = pipe.cmd("XADD").arg(self.admin.keys().stream(&r.topic, partition));
+            let cmd = pipe
+                .cmd("XADD")
+                .arg(self.admin.keys().stream(&r.topic, partition));
             if let Some(max) = meta.max_len {
                 cmd.arg("MAXLEN").arg("~").arg(max);
             }

@@ -30,6 +30,9 @@ pub(crate) struct Reader {
     pub prefetch: usize,
 }
 
+/// Acknowledged offsets to send, per stream key.
+type Acks = Vec<(String, Vec<u64>)>;
+
 /// One partition's part of a read request.
 struct Ask {
     tp: Tp,
@@ -74,7 +77,9 @@ impl Reader {
                 Ok(reply) => {
                     failures = 0;
                     let batch = self.accept(&asks, reply, per_stream, &acker);
-                    if !batch.is_empty() && self.shared.events.send(Event::Batch(batch)).await.is_err() {
+                    if !batch.is_empty()
+                        && self.shared.events.send(Event::Batch(batch)).await.is_err()
+                    {
                         break;
                     }
                 }
@@ -90,7 +95,7 @@ impl Reader {
             }
         }
         // Whatever was acknowledged last goes out before the subscription closes.
-        let (acks, _, _) = self.plan_acks_only();
+        let acks = self.take_acks();
         if !acks.is_empty() {
             if let Err(e) = self.send_acks(&acks).await {
                 tracing::warn!(error = %e, "final XACK failed; those messages will be redelivered");
@@ -100,7 +105,7 @@ impl Reader {
 
     /// Takes the pending acks and builds the read request (marking partitions as in a
     /// read). Returns the earliest time a paused partition becomes due.
-    fn plan(&self) -> (Vec<(String, Vec<u64>)>, Vec<Ask>, Option<Instant>) {
+    fn plan(&self) -> (Acks, Vec<Ask>, Option<Instant>) {
         let now = Instant::now();
         let mut parts = self.shared.parts();
         let mut acks = Vec::new();
@@ -136,14 +141,13 @@ impl Reader {
         (acks, asks, next_due)
     }
 
-    fn plan_acks_only(&self) -> (Vec<(String, Vec<u64>)>, (), ()) {
-        let mut parts = self.shared.parts();
-        let acks = parts
+    fn take_acks(&self) -> Acks {
+        self.shared
+            .parts()
             .values_mut()
             .filter(|p| !p.acked.is_empty())
             .map(|p| (p.key.clone(), std::mem::take(&mut p.acked)))
-            .collect();
-        (acks, (), ())
+            .collect()
     }
 
     fn unmark(&self, asks: &[Ask]) {
@@ -174,7 +178,7 @@ impl Reader {
     }
 
     /// Puts acks back after a failed send (XACK is idempotent, so resending is safe).
-    fn requeue(&self, acks: Vec<(String, Vec<u64>)>) {
+    fn requeue(&self, acks: Acks) {
         if acks.is_empty() {
             return;
         }
@@ -186,7 +190,7 @@ impl Reader {
         }
     }
 
-    fn push_acks(&self, pipe: &mut redis::Pipeline, acks: &[(String, Vec<u64>)]) {
+    fn push_acks(&self, pipe: &mut redis::Pipeline, acks: &Acks) {
         for (key, offsets) in acks {
             let cmd = pipe.cmd("XACK").arg(key).arg(&self.group);
             for o in offsets {
@@ -196,7 +200,7 @@ impl Reader {
         }
     }
 
-    async fn send_acks(&mut self, acks: &[(String, Vec<u64>)]) -> redis::RedisResult<()> {
+    async fn send_acks(&mut self, acks: &Acks) -> redis::RedisResult<()> {
         let mut pipe = redis::pipe();
         self.push_acks(&mut pipe, acks);
         pipe.query_async::<()>(&mut self.conn).await
@@ -204,7 +208,7 @@ impl Reader {
 
     async fn read(
         &mut self,
-        acks: &[(String, Vec<u64>)],
+        acks: &Acks,
         asks: &[Ask],
         count: usize,
         block: bool,

@@ -192,14 +192,17 @@ fn redis_benchmark(host: &str, port: u16, n: usize) -> Option<(f64, String)> {
         .output();
     let text = String::from_utf8_lossy(&out.stdout).to_string();
     // "XADD …: 123456.78 requests per second, p50=…" (after \r progress lines)
-    let rate = text
-        .rsplit('\r')
-        .chain(text.lines())
-        .find_map(|l| {
-            let (_, rest) = l.rsplit_once(": ")?;
-            rest.split_whitespace().next()?.parse::<f64>().ok()
-        })?;
-    Some((rate, format!("redis-benchmark {}", args[..10].join(" ") + " XADD <key> * v <100 bytes>")))
+    let rate = text.rsplit('\r').chain(text.lines()).find_map(|l| {
+        let (_, rest) = l.rsplit_once(": ")?;
+        rest.split_whitespace().next()?.parse::<f64>().ok()
+    })?;
+    Some((
+        rate,
+        format!(
+            "redis-benchmark {}",
+            args[..10].join(" ") + " XADD <key> * v <100 bytes>"
+        ),
+    ))
 }
 
 #[tokio::main]
@@ -215,7 +218,9 @@ async fn main() {
         .get_multiplexed_async_connection()
         .await
         .expect("bare connect");
-    println!("redis bench: {n} messages of 100 bytes, {PARTITIONS} partitions/streams, Courier defaults");
+    println!(
+        "redis bench: {n} messages of 100 bytes, {PARTITIONS} partitions/streams, Courier defaults"
+    );
     let (mut ours_p, mut bare_p, mut ours_c, mut bare_c) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for round in 0..rounds {
@@ -254,7 +259,11 @@ async fn main() {
     println!("|---|---|---|---|");
     for (what, o, b) in [
         ("produce (best of rounds)", best(&ours_p), best(&bare_p)),
-        ("consume incl. subscribe (best)", best(&ours_c), best(&bare_c)),
+        (
+            "consume incl. subscribe (best)",
+            best(&ours_c),
+            best(&bare_c),
+        ),
     ] {
         println!("| {what} | {o:.0} | {b:.0} | {:.0}% |", 100.0 * o / b);
     }
