@@ -1,0 +1,399 @@
+//! The reader of one member: one `XREADGROUP` over every owned partition per round
+//! trip, with the `XACK`s of everything acknowledged since the last one in the same
+//! pipeline. It runs on its own connection because `BLOCK` holds a connection.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use courier_core::{AckHandle, AckToken, Acker, Delivery};
+use redis::aio::ConnectionManager;
+use redis::Value;
+
+use crate::codec::{self, FIELD_META, FIELD_VALUE};
+use crate::resp;
+use crate::state::{Event, Mode, Shared, Tp};
+
+/// How long one read blocks when nothing is there; bounds how late acks, nack
+/// rewinds and revocations are noticed.
+pub(crate) const BLOCK: Duration = Duration::from_millis(100);
+/// Most entries asked for per partition per read (the bare-client benchmark's size).
+const COUNT: usize = 1000;
+
+pub(crate) struct Reader {
+    pub shared: Arc<Shared>,
+    pub conn: ConnectionManager,
+    pub group: String,
+    pub member: String,
+    pub prefetch: usize,
+}
+
+/// Acknowledged offsets to send, per stream key.
+type Acks = Vec<(String, Vec<u64>)>;
+
+/// One partition's part of a read request.
+struct Ask {
+    tp: Tp,
+    key: String,
+    id: String,
+    epoch: u64,
+    history: bool,
+}
+
+impl Reader {
+    pub(crate) async fn run(mut self) {
+        let acker: Arc<dyn Acker> = self.shared.clone();
+        let mut failures = 0u32;
+        while !self.shared.is_closed() {
+            let shared = self.shared.clone();
+            let wake = shared.wake_reader.notified();
+            let (acks, asks, next_due) = self.plan();
+            let budget = self
+                .prefetch
+                .saturating_sub(self.shared.outstanding.load(Ordering::Acquire));
+            if asks.is_empty() || budget == 0 {
+                if !acks.is_empty() {
+                    if let Err(e) = self.send_acks(&acks).await {
+                        tracing::warn!(error = %e, "XACK failed; will retry");
+                        self.requeue(acks);
+                    }
+                }
+                self.unmark(&asks);
+                let wait = next_due
+                    .map(|d| d.saturating_duration_since(Instant::now()))
+                    .unwrap_or(BLOCK)
+                    .min(BLOCK);
+                tokio::select! {
+                    _ = wake => {}
+                    _ = tokio::time::sleep(wait) => {}
+                }
+                continue;
+            }
+            let per_stream = (budget / asks.len()).clamp(1, COUNT);
+            let block = !asks.iter().any(|a| a.history);
+            match self.read(&acks, &asks, per_stream, block).await {
+                Ok(reply) => {
+                    failures = 0;
+                    let batch = self.accept(&asks, reply, per_stream, &acker);
+                    if !batch.is_empty()
+                        && self.shared.events.send(Event::Batch(batch)).await.is_err()
+                    {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    self.unmark(&asks);
+                    self.reread_after_failure(&asks);
+                    self.requeue(acks);
+                    failures = failures.saturating_add(1);
+                    let wait = Duration::from_millis(50 * u64::from(failures.min(40)));
+                    tracing::warn!(error = %e, ?wait, "redis read failed; retrying");
+                    tokio::time::sleep(wait).await;
+                }
+            }
+        }
+        // Whatever was acknowledged last goes out before the subscription closes.
+        let acks = self.take_acks();
+        if !acks.is_empty() {
+            if let Err(e) = self.send_acks(&acks).await {
+                tracing::warn!(error = %e, "final XACK failed; those messages will be redelivered");
+            }
+        }
+    }
+
+    /// Takes the pending acks and builds the read request (marking partitions as in a
+    /// read). Returns the earliest time a paused partition becomes due.
+    fn plan(&self) -> (Acks, Vec<Ask>, Option<Instant>) {
+        let now = Instant::now();
+        let mut parts = self.shared.parts();
+        let mut acks = Vec::new();
+        let mut asks = Vec::new();
+        let mut next_due: Option<Instant> = None;
+        for (tp, p) in parts.iter_mut() {
+            if !p.acked.is_empty() {
+                acks.push((p.key.clone(), std::mem::take(&mut p.acked)));
+            }
+            if p.revoking.is_some() {
+                continue;
+            }
+            if let Some(due) = p.paused_until {
+                if due > now {
+                    next_due = Some(next_due.map_or(due, |n| n.min(due)));
+                    continue;
+                }
+                p.paused_until = None;
+            }
+            let (id, history) = match p.mode {
+                Mode::History { from } => (codec::id_before(from), true),
+                Mode::New => (">".to_string(), false),
+            };
+            p.in_read = true;
+            asks.push(Ask {
+                tp: tp.clone(),
+                key: p.key.clone(),
+                id,
+                epoch: p.epoch,
+                history,
+            });
+        }
+        (acks, asks, next_due)
+    }
+
+    fn take_acks(&self) -> Acks {
+        self.shared
+            .parts()
+            .values_mut()
+            .filter(|p| !p.acked.is_empty())
+            .map(|p| (p.key.clone(), std::mem::take(&mut p.acked)))
+            .collect()
+    }
+
+    fn unmark(&self, asks: &[Ask]) {
+        if asks.is_empty() {
+            return;
+        }
+        let mut parts = self.shared.parts();
+        for a in asks {
+            if let Some(p) = parts.get_mut(&a.tp) {
+                p.in_read = false;
+            }
+        }
+        drop(parts);
+        self.shared.wake_coordinator.notify_one();
+    }
+
+    /// A read whose reply was lost may still have moved entries into this member's
+    /// PEL; reading the PEL from the next expected offset delivers them.
+    fn reread_after_failure(&self, asks: &[Ask]) {
+        let mut parts = self.shared.parts();
+        for a in asks {
+            if let Some(p) = parts.get_mut(&a.tp) {
+                if p.epoch == a.epoch && p.mode == Mode::New {
+                    p.mode = Mode::History { from: p.next };
+                }
+            }
+        }
+    }
+
+    /// Puts acks back after a failed send (XACK is idempotent, so resending is safe).
+    fn requeue(&self, acks: Acks) {
+        if acks.is_empty() {
+            return;
+        }
+        let mut parts = self.shared.parts();
+        for (key, offsets) in acks {
+            if let Some(p) = parts.values_mut().find(|p| p.key == key) {
+                p.acked.extend(offsets);
+            }
+        }
+    }
+
+    fn push_acks(&self, pipe: &mut redis::Pipeline, acks: &Acks) {
+        for (key, offsets) in acks {
+            let cmd = pipe.cmd("XACK").arg(key).arg(&self.group);
+            for o in offsets {
+                cmd.arg(codec::id_of(*o));
+            }
+            cmd.ignore();
+        }
+    }
+
+    async fn send_acks(&mut self, acks: &Acks) -> redis::RedisResult<()> {
+        let mut pipe = redis::pipe();
+        self.push_acks(&mut pipe, acks);
+        pipe.query_async::<()>(&mut self.conn).await
+    }
+
+    async fn read(
+        &mut self,
+        acks: &Acks,
+        asks: &[Ask],
+        count: usize,
+        block: bool,
+    ) -> redis::RedisResult<Value> {
+        let mut pipe = redis::pipe();
+        self.push_acks(&mut pipe, acks);
+        let cmd = pipe
+            .cmd("XREADGROUP")
+            .arg("GROUP")
+            .arg(&self.group)
+            .arg(&self.member)
+            .arg("COUNT")
+            .arg(count);
+        if block {
+            cmd.arg("BLOCK").arg(BLOCK.as_millis() as u64);
+        }
+        cmd.arg("STREAMS");
+        for a in asks {
+            cmd.arg(&a.key);
+        }
+        for a in asks {
+            cmd.arg(&a.id);
+        }
+        let mut replies: Vec<Value> = pipe.query_async(&mut self.conn).await?;
+        Ok(replies.pop().unwrap_or(Value::Nil))
+    }
+
+    /// Turns a reply into deliveries, dropping what a nack or a revocation overtook
+    /// while the read was on the wire (those entries stay pending and are read again).
+    fn accept(
+        &self,
+        asks: &[Ask],
+        reply: Value,
+        count: usize,
+        acker: &Arc<dyn Acker>,
+    ) -> Vec<Delivery> {
+        let mut by_key: HashMap<Vec<u8>, Vec<Value>> = HashMap::new();
+        for (key, entries) in streams(reply) {
+            by_key.insert(key, entries);
+        }
+        let mut out = Vec::new();
+        let mut parts = self.shared.parts();
+        for a in asks {
+            let entries = by_key.remove(a.key.as_bytes()).unwrap_or_default();
+            let Some(p) = parts.get_mut(&a.tp) else {
+                continue;
+            };
+            p.in_read = false;
+            if p.epoch != a.epoch || p.revoking.is_some() {
+                continue;
+            }
+            let got = entries.len();
+            for entry in entries {
+                let Some((offset, fields)) = entry_parts(entry) else {
+                    continue;
+                };
+                p.next = p.next.max(offset + 1);
+                if let Mode::History { from } = &mut p.mode {
+                    *from = offset + 1;
+                }
+                let Some(fields) = fields else {
+                    // Pending but trimmed away by retention: nothing to deliver.
+                    p.acked.push(offset);
+                    continue;
+                };
+                let Some(d) = delivery(&a.tp, offset, fields, p.epoch, p, acker) else {
+                    tracing::warn!(stream = %a.key, offset, "skipping an entry Courier did not write");
+                    p.acked.push(offset);
+                    continue;
+                };
+                p.outstanding.insert(offset, p.epoch);
+                out.push(d);
+            }
+            if a.history && got < count {
+                p.mode = Mode::New;
+            }
+        }
+        drop(parts);
+        self.shared
+            .outstanding
+            .fetch_add(out.len(), Ordering::AcqRel);
+        self.shared.wake_coordinator.notify_one();
+        out
+    }
+}
+
+/// `(stream key, entries)` of an `XREADGROUP` reply (RESP2 array or RESP3 map).
+fn streams(reply: Value) -> Vec<(Vec<u8>, Vec<Value>)> {
+    let pairs: Vec<(Value, Value)> = match reply {
+        Value::Map(m) => m,
+        Value::Array(a) => a
+            .into_iter()
+            .filter_map(|s| match s {
+                Value::Array(mut kv) if kv.len() == 2 => {
+                    let entries = kv.pop()?;
+                    let key = kv.pop()?;
+                    Some((key, entries))
+                }
+                _ => None,
+            })
+            .collect(),
+        _ => Vec::new(),
+    };
+    pairs
+        .into_iter()
+        .filter_map(|(k, e)| {
+            let key = match k {
+                Value::BulkString(b) => b,
+                Value::SimpleString(s) => s.into_bytes(),
+                _ => return None,
+            };
+            let entries = match e {
+                Value::Array(a) => a,
+                _ => Vec::new(),
+            };
+            Some((key, entries))
+        })
+        .collect()
+}
+
+/// `(offset, fields)` of one entry; fields are `None` for a pending entry whose data
+/// was deleted.
+fn entry_parts(entry: Value) -> Option<(u64, Option<Vec<Value>>)> {
+    let Value::Array(mut parts) = entry else {
+        return None;
+    };
+    if parts.len() != 2 {
+        return None;
+    }
+    let fields = parts.pop()?;
+    let id = parts.pop()?;
+    let offset = codec::offset_of(resp::bytes(&id)?)?;
+    let fields = match fields {
+        Value::Array(f) => Some(f),
+        Value::Map(m) => Some(m.into_iter().flat_map(|(k, v)| [k, v]).collect()),
+        _ => None,
+    };
+    Some((offset, fields))
+}
+
+fn into_bytes(v: Value) -> Option<Bytes> {
+    match v {
+        Value::BulkString(b) => Some(Bytes::from(b)),
+        Value::SimpleString(s) => Some(Bytes::from(s)),
+        _ => None,
+    }
+}
+
+fn delivery(
+    tp: &Tp,
+    offset: u64,
+    fields: Vec<Value>,
+    epoch: u64,
+    part: &crate::state::Part,
+    acker: &Arc<dyn Acker>,
+) -> Option<Delivery> {
+    let mut meta = None;
+    let mut value = None;
+    let mut it = fields.into_iter();
+    while let (Some(k), Some(v)) = (it.next(), it.next()) {
+        match resp::bytes(&k) {
+            Some(b) if b == FIELD_META.as_bytes() => meta = into_bytes(v),
+            Some(b) if b == FIELD_VALUE.as_bytes() => value = into_bytes(v),
+            _ => {}
+        }
+    }
+    let meta = codec::decode_meta(&meta?).ok()?;
+    let attempt = part.attempts.get(&offset).copied().unwrap_or(1);
+    let token = AckToken {
+        topic: tp.0.clone(),
+        partition: tp.1,
+        offset,
+        epoch,
+        extra: None,
+    };
+    Some(Delivery::new(
+        tp.0.clone(),
+        tp.1,
+        offset,
+        meta.key,
+        value.unwrap_or_default(),
+        meta.headers,
+        meta.id,
+        meta.timestamp,
+        attempt,
+        Some(AckHandle::new(acker.clone(), token)),
+    ))
+}
