@@ -99,6 +99,7 @@ impl NatsDriver {
         let js = jetstream::ContextBuilder::new()
             .timeout(Duration::from_secs(10))
             .ack_timeout(Duration::from_secs(10))
+            .max_ack_inflight(producer::MAX_ACKS_IN_FLIGHT)
             .build(client.clone());
         let settings = Settings {
             ack_wait: Duration::from_millis(
@@ -164,11 +165,19 @@ impl Driver for NatsDriver {
     }
 
     async fn health(&self) -> Result<()> {
-        self.js
-            .query_account()
+        // A raw `$JS.API.INFO` round trip: async-nats' typed account info expects
+        // fields 2.9 servers do not send.
+        let reply = self
+            .client
+            .request("$JS.API.INFO", bytes::Bytes::new())
             .await
-            .map(|_| ())
-            .map_err(|e| Error::connection(BACKEND, e))
+            .map_err(|e| Error::connection(BACKEND, e))?;
+        let v: serde_json::Value = serde_json::from_slice(&reply.payload)
+            .map_err(|e| Error::connection(BACKEND, e))?;
+        match v.get("error") {
+            None => Ok(()),
+            Some(e) => Err(Error::connection(BACKEND, format!("JetStream unavailable: {e}"))),
+        }
     }
 
     async fn close(&self) -> Result<()> {

@@ -2,7 +2,7 @@
 //! is written to the connection before any JetStream ack is awaited, and the stream
 //! sequence from the ack becomes the receipt's offset.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -12,11 +12,15 @@ use async_nats::jetstream::Context;
 use courier_core::{partition_for_key, Error, Receipt, Record, Result, TopicSpec};
 use parking_lot::Mutex;
 
-use crate::{codec, names, topics, BACKEND};
+use crate::{codec, names, topics};
 
 /// How long a topic's partition count is trusted before it is looked up again (so a
 /// topic grown elsewhere is noticed).
 const PARTITIONS_TTL: Duration = Duration::from_secs(30);
+/// Acks one publish call leaves unawaited while it is still writing.
+const ACK_WINDOW: usize = 4096;
+/// In-flight acks of the whole driver (async-nats' permit pool).
+pub(crate) const MAX_ACKS_IN_FLIGHT: usize = 16 * 1024;
 
 struct TopicState {
     partitions: u32,
@@ -84,7 +88,9 @@ impl Publisher {
     /// Publishes `batch`; receipts in input order.
     pub(crate) async fn publish(&self, batch: Vec<Record>) -> Result<Vec<Receipt>> {
         let total = batch.len();
-        let mut pending: Vec<(u32, PublishAckFuture)> = Vec::with_capacity(total);
+        let mut acks: Vec<Option<std::result::Result<u64, Error>>> = Vec::with_capacity(total);
+        let mut partitions: Vec<u32> = Vec::with_capacity(total);
+        let mut window: VecDeque<(usize, PublishAckFuture)> = VecDeque::new();
         {
             // `unconstrained`: a coop-budget yield here would give up our FIFO place.
             let _turn = tokio::task::unconstrained(self.enqueue.lock()).await;
@@ -102,13 +108,13 @@ impl Publisher {
                     chosen.insert(r.topic.as_str(), (n, s));
                 }
             }
-            for r in &batch {
+            for (i, r) in batch.iter().enumerate() {
                 let (n, sticky) = chosen[r.topic.as_str()];
                 let partition = match (r.partition, &r.key) {
                     (Some(p), _) if p < n => p,
                     (Some(p), _) => {
                         return Err(Error::BatchSendFailed {
-                            failed: total - pending.len(),
+                            failed: total - i,
                             total,
                             source: Box::new(Error::InvalidArgument(format!(
                                 "partition {p} of {:?} does not exist ({n} partitions)",
@@ -119,6 +125,15 @@ impl Publisher {
                     (None, Some(k)) => partition_for_key(k, n),
                     (None, None) => sticky,
                 };
+                partitions.push(partition);
+                // Each unawaited ack holds one of the context's in-flight permits: a
+                // batch larger than the window awaits its oldest acks as it goes, so
+                // it never waits on permits it holds itself.
+                if window.len() >= ACK_WINDOW {
+                    if let Some((j, f)) = window.pop_front() {
+                        acks[j] = Some(f.await.map(|a| a.sequence).map_err(|e| send_error(&batch[j].topic, e)));
+                    }
+                }
                 let sent = self
                     .js
                     .publish_with_headers(
@@ -128,10 +143,13 @@ impl Publisher {
                     )
                     .await;
                 match sent {
-                    Ok(f) => pending.push((partition, f)),
+                    Ok(f) => {
+                        acks.push(None);
+                        window.push_back((i, f));
+                    }
                     Err(e) => {
                         return Err(Error::BatchSendFailed {
-                            failed: total - pending.len(),
+                            failed: total - i,
                             total,
                             source: Box::new(send_error(&r.topic, e)),
                         })
@@ -139,22 +157,32 @@ impl Publisher {
                 }
             }
         }
+        for (j, f) in window {
+            acks[j] = Some(f.await.map(|a| a.sequence).map_err(|e| send_error(&batch[j].topic, e)));
+        }
         let mut receipts = Vec::with_capacity(total);
         let mut first_error: Option<Error> = None;
         let mut failed = 0;
-        for (r, (partition, f)) in batch.into_iter().zip(pending) {
-            match f.await {
-                Ok(ack) => receipts.push(Receipt {
+        for ((r, partition), ack) in batch.into_iter().zip(partitions).zip(acks) {
+            match ack {
+                Some(Ok(offset)) => receipts.push(Receipt {
                     topic: r.topic,
                     partition,
-                    offset: ack.sequence,
+                    offset,
                     id: r.id,
                     timestamp: r.timestamp,
                 }),
-                Err(e) => {
+                Some(Err(e)) => {
                     failed += 1;
                     self.forget(&r.topic);
-                    first_error.get_or_insert_with(|| send_error(&r.topic, e));
+                    first_error.get_or_insert(e);
+                }
+                None => {
+                    failed += 1;
+                    first_error.get_or_insert_with(|| Error::SendFailed {
+                        topic: r.topic.clone(),
+                        source: "no acknowledgement".into(),
+                    });
                 }
             }
         }
@@ -170,7 +198,6 @@ impl Publisher {
 }
 
 fn send_error(topic: &str, e: impl std::error::Error + Send + Sync + 'static) -> Error {
-    let _ = BACKEND;
     Error::SendFailed {
         topic: topic.to_string(),
         source: Box::new(e),

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::consumer::{pull, DeliverPolicy};
 use async_nats::jetstream::kv::{self, CreateErrorKind, UpdateErrorKind};
-use async_nats::jetstream::stream::StorageType;
+use async_nats::jetstream::stream::{self, DiscardPolicy, StorageType};
 use async_nats::jetstream::Context;
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -171,19 +171,34 @@ async fn group_bucket(js: &Context, spec: &SubscribeSpec) -> Result<kv::Store> {
     if let Ok(kv) = js.get_key_value(&name).await {
         return Ok(kv);
     }
-    let config = kv::Config {
-        bucket: name.clone(),
-        description: format!("{}{}", names::GROUP_DESCRIPTION, spec.group),
-        history: 1,
+    // The bucket's stream is created directly: async-nats' `create_key_value` first
+    // reads account info in a shape nats-server 2.9 does not send. This is the KV
+    // layout every NATS client reads (history 1, rollups, direct get).
+    let config = stream::Config {
+        name: format!("KV_{name}"),
+        description: Some(format!("{}{}", names::GROUP_DESCRIPTION, spec.group)),
+        subjects: vec![format!("$KV.{name}.>")],
+        max_messages_per_subject: 1,
+        max_bytes: -1,
+        max_messages: -1,
+        max_message_size: -1,
         max_age: spec.session_timeout.max(Duration::from_secs(1)),
         storage: StorageType::File,
+        allow_rollup: true,
+        deny_delete: true,
+        allow_direct: true,
+        discard: DiscardPolicy::New,
+        num_replicas: 1,
         ..Default::default()
     };
-    match js.create_key_value(config).await {
-        Ok(kv) => Ok(kv),
-        // Another member created it first.
-        Err(e) => js.get_key_value(&name).await.map_err(|_| Error::backend(BACKEND, e)),
+    if let Err(e) = js.create_stream(config).await {
+        // Another member may have created it first with its own session timeout;
+        // that one is then the group's.
+        tracing::debug!(error = %e, "group bucket not created");
     }
+    js.get_key_value(&name)
+        .await
+        .map_err(|e| Error::backend(BACKEND, e))
 }
 
 struct Owned {
