@@ -38,8 +38,10 @@ start_redis() {
 }
 
 start_nats() {
-  if port_open 4222; then log "nats: already on 127.0.0.1:4222"; return; fi
+  # The binary is needed even when a server already runs: courier-nats' restart test
+  # starts a private one.
   command -v nats-server >/dev/null || apt_install nats-server
+  if port_open 4222; then log "nats: already on 127.0.0.1:4222"; return; fi
   mkdir -p "$RUN/nats"
   nats-server -a 127.0.0.1 -p 4222 -js -sd "$RUN/nats" -l "$RUN/nats.log" &
   echo $! >"$RUN/nats.pid"

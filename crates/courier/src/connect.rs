@@ -13,6 +13,8 @@ pub fn supported_schemes() -> Vec<&'static str> {
     s.push("kafka");
     #[cfg(feature = "redis")]
     s.push("redis");
+    #[cfg(feature = "nats")]
+    s.push("nats");
     s
 }
 
@@ -45,6 +47,10 @@ pub(crate) async fn connect_driver(config: &Config) -> Result<Arc<dyn Driver>> {
         #[cfg(feature = "redis")]
         "redis" => Ok(Arc::new(
             courier_redis::RedisDriver::connect(config.clone()).await?,
+        )),
+        #[cfg(feature = "nats")]
+        "nats" => Ok(Arc::new(
+            courier_nats::NatsDriver::connect(config.clone()).await?,
         )),
         other => Err(Error::UnsupportedBackend {
             scheme: other.to_string(),
