@@ -11,6 +11,8 @@ pub fn supported_schemes() -> Vec<&'static str> {
     let mut s = vec!["file", "memory"];
     #[cfg(feature = "kafka")]
     s.push("kafka");
+    #[cfg(feature = "amqp")]
+    s.extend(["amqp", "amqps"]);
     s
 }
 
@@ -39,6 +41,10 @@ pub(crate) async fn connect_driver(config: &Config) -> Result<Arc<dyn Driver>> {
         #[cfg(feature = "kafka")]
         "kafka" => Ok(Arc::new(
             courier_kafka::KafkaDriver::connect(config.clone()).await?,
+        )),
+        #[cfg(feature = "amqp")]
+        "amqp" | "amqps" => Ok(Arc::new(
+            courier_amqp::AmqpDriver::connect(config.clone()).await?,
         )),
         other => Err(Error::UnsupportedBackend {
             scheme: other.to_string(),
