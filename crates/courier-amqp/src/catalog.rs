@@ -124,7 +124,9 @@ pub async fn read(shared: &Shared) -> Result<State> {
 
 async fn read_inner(shared: &Shared) -> Result<State> {
     let ch = shared.channel().await?;
-    ch.basic_qos(2000, BasicQosOptions::default()).await.map_err(err)?;
+    ch.basic_qos(2000, BasicQosOptions::default())
+        .await
+        .map_err(err)?;
     let tag = format!("courier-catalog-{}", ulid::Ulid::new());
     let mut consumer = ch
         .basic_consume(

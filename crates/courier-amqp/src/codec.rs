@@ -29,7 +29,10 @@ pub fn properties(r: &Record, partition: Option<u32>) -> BasicProperties {
     }
     h.insert(H_TIMESTAMP.into(), AMQPValue::LongLongInt(r.timestamp));
     if let Some(p) = partition {
-        h.insert(H_PARTITION.into(), AMQPValue::LongString(p.to_string().into()));
+        h.insert(
+            H_PARTITION.into(),
+            AMQPValue::LongString(p.to_string().into()),
+        );
     }
     let mut props = BasicProperties::default()
         .with_delivery_mode(2)
@@ -37,7 +40,10 @@ pub fn properties(r: &Record, partition: Option<u32>) -> BasicProperties {
     if r.id.len() <= 255 {
         props = props.with_message_id(ShortString::from(r.id.as_str()));
     } else {
-        h.insert(HEADER_MESSAGE_ID.into(), AMQPValue::LongString(r.id.as_str().into()));
+        h.insert(
+            HEADER_MESSAGE_ID.into(),
+            AMQPValue::LongString(r.id.as_str().into()),
+        );
     }
     props.with_headers(h)
 }
@@ -140,9 +146,15 @@ mod tests {
         assert_eq!(d.id, "id-1");
         assert_eq!(d.key.as_deref(), Some(&[0u8, 159][..]));
         assert_eq!(d.timestamp, 1_700_000_000_123);
-        assert_eq!(d.headers.get("x-bin").map(|b| b.as_ref()), Some(&[0u8, 255, 1][..]));
+        assert_eq!(
+            d.headers.get("x-bin").map(|b| b.as_ref()),
+            Some(&[0u8, 255, 1][..])
+        );
         assert_eq!(d.headers.len(), 1);
-        let long = Record { id: "x".repeat(300), ..r };
+        let long = Record {
+            id: "x".repeat(300),
+            ..r
+        };
         assert_eq!(decode(&properties(&long, None)).id.len(), 300);
     }
 }

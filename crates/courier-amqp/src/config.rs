@@ -93,11 +93,9 @@ impl AmqpSettings {
             None => ExchangeKind::Direct,
         };
         let prefetch = match config.backend.get("prefetchCount") {
-            Some(v) => v
-                .parse::<u16>()
-                .ok()
-                .filter(|n| *n > 0)
-                .ok_or_else(|| Error::Config(format!("backend.prefetchCount must be 1–65535, not {v:?}")))?,
+            Some(v) => v.parse::<u16>().ok().filter(|n| *n > 0).ok_or_else(|| {
+                Error::Config(format!("backend.prefetchCount must be 1–65535, not {v:?}"))
+            })?,
             None => 1000,
         };
         if !flag(config, "durable", true)? {
@@ -130,20 +128,32 @@ mod tests {
     fn seed_settings_map() {
         let mut c = Config::with_url("amqp://guest:guest@127.0.0.1:5672/%2f");
         let s = AmqpSettings::from_config(&c).unwrap();
-        assert_eq!((s.exchange_kind, s.prefetch, s.confirm), (ExchangeKind::Direct, 1000, true));
+        assert_eq!(
+            (s.exchange_kind, s.prefetch, s.confirm),
+            (ExchangeKind::Direct, 1000, true)
+        );
         c.backend.insert("exchangeType".into(), "topic".into());
         c.backend.insert("prefetchCount".into(), "10".into());
         c.backend.insert("confirm".into(), "false".into());
         let s = AmqpSettings::from_config(&c).unwrap();
-        assert_eq!((s.exchange_kind, s.prefetch, s.confirm), (ExchangeKind::Topic, 10, false));
+        assert_eq!(
+            (s.exchange_kind, s.prefetch, s.confirm),
+            (ExchangeKind::Topic, 10, false)
+        );
         c.backend.insert("confirm".into(), "true".into());
         c.producer.acks = Acks::None;
         assert!(!AmqpSettings::from_config(&c).unwrap().confirm);
         c.backend.insert("autoAck".into(), "true".into());
-        assert!(matches!(AmqpSettings::from_config(&c), Err(Error::Config(_))));
+        assert!(matches!(
+            AmqpSettings::from_config(&c),
+            Err(Error::Config(_))
+        ));
         c.backend.remove("autoAck");
         c.backend.insert("exchangeType".into(), "x".into());
-        assert!(matches!(AmqpSettings::from_config(&c), Err(Error::Config(_))));
+        assert!(matches!(
+            AmqpSettings::from_config(&c),
+            Err(Error::Config(_))
+        ));
         assert!(AmqpSettings::from_config(&Config::with_url("kafka://h")).is_err());
     }
 }

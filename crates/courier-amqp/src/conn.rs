@@ -16,7 +16,10 @@ use crate::BACKEND;
 /// A lapin error as a Courier error: connection-level failures become
 /// [`Error::Connection`], everything else [`Error::Backend`].
 pub fn err(e: lapin::Error) -> Error {
-    if e.is_io_error() || e.is_amqp_hard_error() || matches!(e.kind(), lapin::ErrorKind::InvalidConnectionState(_)) {
+    if e.is_io_error()
+        || e.is_amqp_hard_error()
+        || matches!(e.kind(), lapin::ErrorKind::InvalidConnectionState(_))
+    {
         Error::connection(BACKEND, e)
     } else {
         Error::backend(BACKEND, e)
@@ -126,13 +129,22 @@ async fn new_publish_channel(c: &Connection, confirm: bool) -> Result<Channel> {
 /// Arguments of a stream queue with optional retention.
 pub fn stream_args(max_age_ms: Option<i64>, max_bytes: Option<u64>) -> FieldTable {
     let mut a = FieldTable::default();
-    a.insert("x-queue-type".into(), AMQPValue::LongString("stream".into()));
+    a.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("stream".into()),
+    );
     if let Some(ms) = max_age_ms.filter(|ms| *ms > 0) {
         let secs = (ms + 999) / 1000;
-        a.insert("x-max-age".into(), AMQPValue::LongString(format!("{secs}s").into()));
+        a.insert(
+            "x-max-age".into(),
+            AMQPValue::LongString(format!("{secs}s").into()),
+        );
     }
     if let Some(b) = max_bytes {
-        a.insert("x-max-length-bytes".into(), AMQPValue::LongLongInt(b as i64));
+        a.insert(
+            "x-max-length-bytes".into(),
+            AMQPValue::LongLongInt(b as i64),
+        );
     }
     a
 }

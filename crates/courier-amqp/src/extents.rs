@@ -34,13 +34,22 @@ pub async fn extent(conn: &Connection, stream: &str) -> Result<(u64, u64)> {
 }
 
 /// The first (or, with `to_end`, the highest seen) offset delivered from `start`.
-async fn probe(conn: &Connection, stream: &str, start: StreamStart, to_end: bool) -> Result<Option<u64>> {
+async fn probe(
+    conn: &Connection,
+    stream: &str,
+    start: StreamStart,
+    to_end: bool,
+) -> Result<Option<u64>> {
     let ch = conn.create_channel().await.map_err(err)?;
-    ch.basic_qos(2000, BasicQosOptions::default()).await.map_err(err)?;
+    ch.basic_qos(2000, BasicQosOptions::default())
+        .await
+        .map_err(err)?;
     let mut consumer = ch
         .basic_consume(
             stream.into(),
-            format!("courier-extent-{}", ulid::Ulid::new()).as_str().into(),
+            format!("courier-extent-{}", ulid::Ulid::new())
+                .as_str()
+                .into(),
             BasicConsumeOptions::default(),
             stream_offset(start),
         )

@@ -30,7 +30,9 @@ use courier_core::{
     Receipt, Record, Result, SubscribeSpec, Subscription, TopicInfo, TopicPartition, TopicSpec,
 };
 use futures::StreamExt;
-use lapin::options::{BasicConsumeOptions, BasicPublishOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::options::{
+    BasicConsumeOptions, BasicPublishOptions, QueueBindOptions, QueueDeclareOptions,
+};
 use lapin::types::FieldTable;
 use lapin::BasicProperties;
 
@@ -65,9 +67,8 @@ impl AmqpDriver {
     pub async fn connect(config: Config) -> Result<Self> {
         config.validate()?;
         let settings = AmqpSettings::from_config(&config)?;
-        let shared = Arc::new(
-            Shared::connect(&settings.uri, "courier driver", settings.confirm).await?,
-        );
+        let shared =
+            Arc::new(Shared::connect(&settings.uri, "courier driver", settings.confirm).await?);
         let ch = shared.channel().await?;
         catalog::declare(&ch).await?;
         let _ = ch.close(200, "done".into()).await;
@@ -302,7 +303,11 @@ impl Driver for AmqpDriver {
     }
 
     async fn list_topics(&self) -> Result<Vec<String>> {
-        Ok(catalog::read(&self.shared).await?.topics.into_keys().collect())
+        Ok(catalog::read(&self.shared)
+            .await?
+            .topics
+            .into_keys()
+            .collect())
     }
 
     async fn describe_topic(&self, name: &str) -> Result<TopicInfo> {
@@ -310,7 +315,11 @@ impl Driver for AmqpDriver {
     }
 
     async fn list_groups(&self) -> Result<Vec<String>> {
-        Ok(catalog::read(&self.shared).await?.groups.into_keys().collect())
+        Ok(catalog::read(&self.shared)
+            .await?
+            .groups
+            .into_keys()
+            .collect())
     }
 
     async fn describe_group(&self, group: &str) -> Result<GroupInfo> {
@@ -322,7 +331,9 @@ impl Driver for AmqpDriver {
         let mut offsets = Vec::new();
         let ch = self.shared.channel().await?;
         for t in topics {
-            let Some(meta) = state.topics.get(t) else { continue };
+            let Some(meta) = state.topics.get(t) else {
+                continue;
+            };
             let info = self.topic_info(t).await?;
             for p in 0..meta.spec.partitions {
                 let tp = TopicPartition::new(t.clone(), p);

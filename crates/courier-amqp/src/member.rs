@@ -26,7 +26,7 @@ use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -38,6 +38,8 @@ use crate::{names, offsets, BACKEND};
 const TICK: Duration = Duration::from_millis(200);
 /// Wait after joining before taking partitions, so the member first hears the group.
 const JOIN_GRACE: Duration = Duration::from_millis(400);
+/// Longest wait for a partition's stream consumer to attach.
+const ATTACH_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A membership announcement.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -88,7 +90,11 @@ impl Member {
     /// A member that will hand deliveries to `tx`.
     pub fn new(cfg: MemberConfig, tx: mpsc::Sender<Delivery>) -> Arc<Self> {
         Arc::new(Self {
-            id: format!("{}-{}", cfg.group, ulid::Ulid::new().to_string().to_lowercase()),
+            id: format!(
+                "{}-{}",
+                cfg.group,
+                ulid::Ulid::new().to_string().to_lowercase()
+            ),
             cfg,
             tx,
             acker: Arc::new(PartAcker),
@@ -315,6 +321,7 @@ async fn rebalance(member: &Arc<Member>, s: &mut Session) -> Result<()> {
             OffsetReset::Earliest => StreamStart::First,
             OffsetReset::Latest => StreamStart::Next,
         };
+        let (attached, on_attach) = oneshot::channel();
         tokio::spawn(part::run(
             part.clone(),
             s.conn.clone(),
@@ -322,7 +329,11 @@ async fn rebalance(member: &Arc<Member>, s: &mut Session) -> Result<()> {
             member.acker.clone(),
             member.cfg.prefetch,
             initial,
+            Some(attached),
         ));
+        // Owned = reading: a `latest` member must not report the partition before
+        // its consumer is attached, or messages sent meanwhile would be skipped.
+        let _ = tokio::time::timeout(ATTACH_TIMEOUT, on_attach).await;
         tracing::debug!(group = %member.cfg.group, partition = %tp, ?committed, "partition acquired");
         member.parts.lock().insert(tp.clone(), part);
     }

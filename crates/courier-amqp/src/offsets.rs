@@ -4,7 +4,9 @@
 //! requeue).
 
 use courier_core::{Error, Result, TopicPartition};
-use lapin::options::{BasicGetOptions, BasicPublishOptions, BasicRejectOptions, QueueDeclareOptions};
+use lapin::options::{
+    BasicGetOptions, BasicPublishOptions, BasicRejectOptions, QueueDeclareOptions,
+};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel};
 
@@ -73,7 +75,10 @@ pub async fn write(ch: &Channel, group: &str, tp: &TopicPartition, offset: u64) 
         .await
         .map_err(err)?;
     if c.is_nack() {
-        return Err(Error::backend(BACKEND, format!("commit of {tp} was not confirmed")));
+        return Err(Error::backend(
+            BACKEND,
+            format!("commit of {tp} was not confirmed"),
+        ));
     }
     Ok(())
 }

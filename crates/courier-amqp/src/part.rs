@@ -18,7 +18,7 @@ use futures::StreamExt;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::Connection;
 use parking_lot::Mutex;
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::{mpsc, oneshot, Notify};
 use tokio::time::Instant;
 
 use crate::codec;
@@ -164,6 +164,7 @@ pub async fn run(
     acker: Arc<dyn Acker>,
     prefetch: u16,
     initial: StreamStart,
+    mut attached: Option<oneshot::Sender<()>>,
 ) {
     let stream = names::stream(&part.tp.topic, part.tp.partition);
     let mut start = match part.state.lock().next {
@@ -178,7 +179,15 @@ pub async fn run(
             }
             s.epoch
         };
-        if let Err(e) = attach(&part, &conn, &stream, start, epoch, &tx, &acker, prefetch).await {
+        let ctx = Attach {
+            part: &part,
+            conn: &conn,
+            stream: &stream,
+            tx: &tx,
+            acker: &acker,
+            prefetch,
+        };
+        if let Err(e) = ctx.run(start, epoch, &mut attached).await {
             tracing::warn!(partition = %part.tp, error = %e, "stream consumer failed; re-attaching");
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_millis(500)) => {}
@@ -208,119 +217,139 @@ pub async fn run(
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn attach(
-    part: &Arc<Part>,
-    conn: &Connection,
-    stream: &str,
-    start: StreamStart,
-    epoch: u64,
-    tx: &mpsc::Sender<Delivery>,
-    acker: &Arc<dyn Acker>,
+struct Attach<'a> {
+    part: &'a Arc<Part>,
+    conn: &'a Connection,
+    stream: &'a str,
+    tx: &'a mpsc::Sender<Delivery>,
+    acker: &'a Arc<dyn Acker>,
     prefetch: u16,
-) -> courier_core::Result<()> {
-    let ch = conn.create_channel().await.map_err(err)?;
-    let result = async {
-        ch.basic_qos(prefetch, BasicQosOptions::default())
-            .await
-            .map_err(err)?;
-        let mut consumer = ch
-            .basic_consume(
-                stream.into(),
-                format!("courier-{}", ulid::Ulid::new()).as_str().into(),
-                BasicConsumeOptions::default(),
-                stream_offset(start),
-            )
-            .await
-            .map_err(err)?;
-        // The broker starts at the beginning of the chunk holding the offset.
-        let min = match start {
-            StreamStart::Offset(o) => o,
-            _ => 0,
-        };
-        let credit_every = u32::from(prefetch / 2).max(1);
-        let mut uncredited = 0u32;
-        loop {
-            let d = tokio::select! {
-                biased;
-                _ = part.wake.notified() => {
-                    if part.changed(epoch) { return Ok(()); }
+}
+
+impl Attach<'_> {
+    async fn run(
+        &self,
+        start: StreamStart,
+        epoch: u64,
+        attached: &mut Option<oneshot::Sender<()>>,
+    ) -> courier_core::Result<()> {
+        let Attach {
+            part,
+            conn,
+            stream,
+            tx,
+            acker,
+            prefetch,
+        } = *self;
+        let ch = conn.create_channel().await.map_err(err)?;
+        let result = async {
+            ch.basic_qos(prefetch, BasicQosOptions::default())
+                .await
+                .map_err(err)?;
+            let mut consumer = ch
+                .basic_consume(
+                    stream.into(),
+                    format!("courier-{}", ulid::Ulid::new()).as_str().into(),
+                    BasicConsumeOptions::default(),
+                    stream_offset(start),
+                )
+                .await
+                .map_err(err)?;
+            if let Some(a) = attached.take() {
+                let _ = a.send(());
+            }
+            // The broker starts at the beginning of the chunk holding the offset.
+            let min = match start {
+                StreamStart::Offset(o) => o,
+                _ => 0,
+            };
+            let credit_every = u32::from(prefetch / 2).max(1);
+            let mut uncredited = 0u32;
+            loop {
+                let d = tokio::select! {
+                    biased;
+                    _ = part.wake.notified() => {
+                        if part.changed(epoch) { return Ok(()); }
+                        continue;
+                    }
+                    d = consumer.next() => d,
+                };
+                let Some(d) = d else {
+                    return Err(courier_core::Error::backend(
+                        crate::BACKEND,
+                        "stream consumer cancelled",
+                    ));
+                };
+                let d = d.map_err(err)?;
+                uncredited += 1;
+                if uncredited >= credit_every {
+                    // Stream acks only return credit; they do not remove anything.
+                    d.acker
+                        .ack(BasicAckOptions { multiple: true })
+                        .await
+                        .map_err(err)?;
+                    uncredited = 0;
+                }
+                let dec = codec::decode(&d.properties);
+                let Some(offset) = dec.offset else { continue };
+                if offset < min {
                     continue;
                 }
-                d = consumer.next() => d,
-            };
-            let Some(d) = d else {
-                return Err(courier_core::Error::backend(crate::BACKEND, "stream consumer cancelled"));
-            };
-            let d = d.map_err(err)?;
-            uncredited += 1;
-            if uncredited >= credit_every {
-                // Stream acks only return credit; they do not remove anything.
-                d.acker
-                    .ack(BasicAckOptions { multiple: true })
-                    .await
-                    .map_err(err)?;
-                uncredited = 0;
-            }
-            let dec = codec::decode(&d.properties);
-            let Some(offset) = dec.offset else { continue };
-            if offset < min {
-                continue;
-            }
-            let attempt = {
-                let mut s = part.state.lock();
-                if s.epoch != epoch || s.stopped || s.draining {
-                    return Ok(());
-                }
-                s.pending.insert(offset);
-                s.next = Some(offset + 1);
-                1 + s.attempts.get(&offset).copied().unwrap_or(0)
-            };
-            let token = AckToken {
-                topic: part.topic.clone(),
-                partition: part.tp.partition,
-                offset,
-                epoch,
-                extra: Some(Box::new(part.clone())),
-            };
-            let mut delivery = Some(Delivery::new(
-                part.topic.clone(),
-                part.tp.partition,
-                offset,
-                dec.key,
-                Bytes::from(d.data),
-                dec.headers,
-                dec.id,
-                dec.timestamp,
-                attempt,
-                Some(AckHandle::new(acker.clone(), token)),
-            ));
-            while let Some(dl) = delivery.take() {
-                let permit = tokio::select! {
-                    biased;
-                    p = tx.reserve() => p,
-                    _ = part.wake.notified() => {
-                        if part.changed(epoch) {
+                let attempt = {
+                    let mut s = part.state.lock();
+                    if s.epoch != epoch || s.stopped || s.draining {
+                        return Ok(());
+                    }
+                    s.pending.insert(offset);
+                    s.next = Some(offset + 1);
+                    1 + s.attempts.get(&offset).copied().unwrap_or(0)
+                };
+                let token = AckToken {
+                    topic: part.topic.clone(),
+                    partition: part.tp.partition,
+                    offset,
+                    epoch,
+                    extra: Some(Box::new(part.clone())),
+                };
+                let mut delivery = Some(Delivery::new(
+                    part.topic.clone(),
+                    part.tp.partition,
+                    offset,
+                    dec.key,
+                    Bytes::from(d.data),
+                    dec.headers,
+                    dec.id,
+                    dec.timestamp,
+                    attempt,
+                    Some(AckHandle::new(acker.clone(), token)),
+                ));
+                while let Some(dl) = delivery.take() {
+                    let permit = tokio::select! {
+                        biased;
+                        p = tx.reserve() => p,
+                        _ = part.wake.notified() => {
+                            if part.changed(epoch) {
+                                abandon(part, epoch, dl);
+                                return Ok(());
+                            }
+                            delivery = Some(dl);
+                            continue;
+                        }
+                    };
+                    match permit {
+                        Ok(p) => p.send(dl),
+                        Err(_) => {
                             abandon(part, epoch, dl);
                             return Ok(());
                         }
-                        delivery = Some(dl);
-                        continue;
-                    }
-                };
-                match permit {
-                    Ok(p) => p.send(dl),
-                    Err(_) => {
-                        abandon(part, epoch, dl);
-                        return Ok(());
                     }
                 }
             }
         }
+        .await;
+        let _ = ch.close(200, "done".into()).await;
+        result
     }
-    .await;
-    let _ = ch.close(200, "done".into()).await;
-    result
 }
 
 /// Takes back a delivery that was never handed out: not settled, not pending.

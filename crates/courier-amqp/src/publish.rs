@@ -53,7 +53,8 @@ impl Publisher {
                 Err(e @ Error::Connection { .. }) if attempt < self.retry_max => {
                     attempt += 1;
                     tracing::warn!(error = %e, attempt, "publish failed; retrying on a new connection");
-                    tokio::time::sleep(std::time::Duration::from_millis(200 * u64::from(attempt))).await;
+                    tokio::time::sleep(std::time::Duration::from_millis(200 * u64::from(attempt)))
+                        .await;
                 }
                 Err(e) => {
                     return Err(Error::BatchSendFailed {
@@ -118,7 +119,10 @@ impl Publisher {
             for c in confirms {
                 let c = c.await.map_err(err)?;
                 if c.is_nack() {
-                    return Err(Error::backend(crate::BACKEND, "the broker refused the message (nack)"));
+                    return Err(Error::backend(
+                        crate::BACKEND,
+                        "the broker refused the message (nack)",
+                    ));
                 }
             }
         }

@@ -11,7 +11,9 @@ use parking_lot::Mutex;
 
 use crate::catalog::{self, Entry, TopicMeta};
 use crate::config::ExchangeKind;
-use crate::conn::{bind_partition, declare_exchange, declare_stream, err, is_reply, stream_args, Shared};
+use crate::conn::{
+    bind_partition, declare_exchange, declare_stream, err, is_reply, stream_args, Shared,
+};
 use crate::names;
 
 /// How long a cached partition count is trusted.
@@ -64,7 +66,9 @@ impl Topics {
             partitions: m.spec.partitions,
             exchange: m.exchange,
         };
-        self.cache.lock().insert(name.to_string(), (r, Instant::now()));
+        self.cache
+            .lock()
+            .insert(name.to_string(), (r, Instant::now()));
         Ok(Some(r))
     }
 
@@ -74,7 +78,10 @@ impl Topics {
         if let Some(r) = self.route(name).await? {
             return Ok(r);
         }
-        match self.create(TopicSpec::new(name, self.default_partitions)).await {
+        match self
+            .create(TopicSpec::new(name, self.default_partitions))
+            .await
+        {
             Ok(()) | Err(Error::TopicExists(_)) => {}
             Err(e) => return Err(e),
         }
@@ -101,12 +108,24 @@ impl Topics {
         declare_exchange(&ch, names::exchange(&spec.name), kind).await?;
         for p in 0..spec.partitions {
             let s = names::stream(&spec.name, p);
-            declare_stream(&ch, &s, stream_args(spec.retention_ms, spec.retention_bytes)).await?;
+            declare_stream(
+                &ch,
+                &s,
+                stream_args(spec.retention_ms, spec.retention_bytes),
+            )
+            .await?;
             bind_partition(&ch, &s, names::exchange(&spec.name), kind, p).await?;
         }
         let _ = ch.close(200, "done".into()).await;
         self.cache.lock().remove(&spec.name);
-        catalog::append(&self.shared, &Entry::Topic { spec, exchange: kind }).await
+        catalog::append(
+            &self.shared,
+            &Entry::Topic {
+                spec,
+                exchange: kind,
+            },
+        )
+        .await
     }
 
     /// Deletes streams, exchange and the offsets of groups that subscribed to it.
@@ -115,24 +134,39 @@ impl Topics {
         let Some(meta) = state.topics.get(name) else {
             return Err(Error::TopicNotFound(name.to_string()));
         };
-        catalog::append(&self.shared, &Entry::Delete { name: name.to_string() }).await?;
+        catalog::append(
+            &self.shared,
+            &Entry::Delete {
+                name: name.to_string(),
+            },
+        )
+        .await?;
         self.cache.lock().remove(name);
         let ch = self.shared.channel().await?;
         for p in 0..meta.spec.partitions {
-            ch.queue_delete(names::stream(name, p).as_str().into(), QueueDeleteOptions::default())
-                .await
-                .map_err(err)?;
+            ch.queue_delete(
+                names::stream(name, p).as_str().into(),
+                QueueDeleteOptions::default(),
+            )
+            .await
+            .map_err(err)?;
             for (g, topics) in &state.groups {
                 if topics.contains(name) {
                     let tp = courier_core::TopicPartition::new(name, p);
-                    ch.queue_delete(names::offset(g, &tp).as_str().into(), QueueDeleteOptions::default())
-                        .await
-                        .map_err(err)?;
+                    ch.queue_delete(
+                        names::offset(g, &tp).as_str().into(),
+                        QueueDeleteOptions::default(),
+                    )
+                    .await
+                    .map_err(err)?;
                 }
             }
         }
         match ch
-            .exchange_delete(names::exchange(name).into(), ExchangeDeleteOptions::default())
+            .exchange_delete(
+                names::exchange(name).into(),
+                ExchangeDeleteOptions::default(),
+            )
             .await
         {
             Ok(()) => {}
