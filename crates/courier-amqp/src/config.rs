@@ -66,6 +66,9 @@ pub struct AmqpSettings {
     pub retry_max: u32,
     /// Partitions of topics created implicitly.
     pub default_partitions: u32,
+    /// Prefix of the names of this driver's connections (`connectionName`), as shown
+    /// by `rabbitmqctl list_connections`.
+    pub connection_name: String,
 }
 
 fn flag(config: &Config, key: &str, default: bool) -> Result<bool> {
@@ -116,6 +119,11 @@ impl AmqpSettings {
             confirm,
             retry_max: config.producer.retry_max,
             default_partitions: config.default_partitions.max(1),
+            connection_name: config
+                .backend
+                .get("connectionName")
+                .cloned()
+                .unwrap_or_else(|| "courier".to_string()),
         })
     }
 }

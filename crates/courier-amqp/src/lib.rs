@@ -265,6 +265,7 @@ impl Driver for AmqpDriver {
             session_timeout: spec.session_timeout,
             commit_interval: spec.commit_interval,
             prefetch,
+            connection_name: self.settings.connection_name.clone(),
         })))
     }
 

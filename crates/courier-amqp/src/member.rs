@@ -69,6 +69,8 @@ pub struct MemberConfig {
     pub commit_interval: Duration,
     /// Stream consumer prefetch.
     pub prefetch: u16,
+    /// Prefix of the connection's name.
+    pub connection_name: String,
 }
 
 /// A member's state shared with its subscription.
@@ -168,7 +170,7 @@ struct Session {
 }
 
 async fn session(member: &Arc<Member>, stop: &CancellationToken) -> Result<()> {
-    let name = format!("courier member {}", member.id);
+    let name = format!("{} member {}", member.cfg.connection_name, member.id);
     let conn = Arc::new(conn::open(&member.cfg.uri, &name).await?);
     let ctl = conn.create_channel().await.map_err(err)?;
     ctl.confirm_select(Default::default()).await.map_err(err)?;
