@@ -435,3 +435,26 @@ async fn leave(member: &Arc<Member>, s: &mut Session) {
     member.lose_all();
     let _ = s.conn.close(200, "courier member leaving".into()).await;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn members_split_partitions_evenly_and_identically() {
+        let all: Vec<TopicPartition> = (0..5).map(|p| TopicPartition::new("t", p)).collect();
+        let ids = vec!["b".to_string(), "a".to_string()];
+        let a = target(&all, &ids, "a");
+        let b = target(&all, &ids, "b");
+        assert_eq!(
+            a.iter().map(|t| t.partition).collect::<Vec<_>>(),
+            vec![0, 2, 4]
+        );
+        assert_eq!(
+            b.iter().map(|t| t.partition).collect::<Vec<_>>(),
+            vec![1, 3]
+        );
+        assert!(target(&all, &ids, "c").is_empty());
+        assert_eq!(target(&all, &["a".to_string()], "a").len(), 5);
+    }
+}

@@ -362,3 +362,60 @@ fn abandon(part: &Part, epoch: u64, mut d: Delivery) {
         s.next = Some(s.next.map_or(d.offset, |n| n.min(d.offset)));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn token(p: &Arc<Part>, offset: u64) -> AckToken {
+        AckToken {
+            topic: Arc::from("t"),
+            partition: 0,
+            offset,
+            epoch: p.state.lock().epoch,
+            extra: Some(Box::new(p.clone())),
+        }
+    }
+
+    fn deliver(p: &Arc<Part>, offset: u64) -> AckToken {
+        let t = token(p, offset);
+        let mut s = p.state.lock();
+        s.pending.insert(offset);
+        s.next = Some(offset + 1);
+        t
+    }
+
+    #[test]
+    fn commits_the_contiguous_prefix_and_rewinds_on_nack() {
+        let p = Part::new(TopicPartition::new("t", 0), Some(10));
+        assert_eq!(p.state.lock().commit_point(), Some(10));
+        let (a, b, c) = (deliver(&p, 10), deliver(&p, 11), deliver(&p, 12));
+        PartAcker.ack(b);
+        assert_eq!(
+            p.state.lock().commit_point(),
+            Some(10),
+            "a gap holds the commit"
+        );
+        PartAcker.ack(a);
+        assert_eq!(p.state.lock().commit_point(), Some(12));
+        let later = deliver(&p, 13);
+        PartAcker.nack(c, Duration::from_millis(5));
+        assert!(
+            PartAcker.is_stale(&later),
+            "deliveries after the nack are stale"
+        );
+        PartAcker.ack(later);
+        let s = p.state.lock();
+        assert_eq!(s.commit_point(), Some(12), "rewound to the nacked offset");
+        assert_eq!(s.attempts.get(&12), Some(&1));
+        assert!(s.rewind.is_some_and(|(o, _)| o == 12));
+    }
+
+    #[test]
+    fn a_stopped_partition_makes_everything_stale() {
+        let p = Part::new(TopicPartition::new("t", 0), None);
+        let t = deliver(&p, 0);
+        p.stop();
+        assert!(PartAcker.is_stale(&t));
+    }
+}

@@ -40,7 +40,10 @@ fn close(pid: &str) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn confirmed_messages_survive_connection_loss() {
-    let tag = format!("courier-rc-{}", ulid::Ulid::new().to_string().to_lowercase());
+    let tag = format!(
+        "courier-rc-{}",
+        ulid::Ulid::new().to_string().to_lowercase()
+    );
     if our_connections(&tag).is_none() {
         eprintln!("SKIPPED: rabbitmqctl is not usable here; cannot close connections");
         return;
@@ -114,9 +117,18 @@ async fn confirmed_messages_survive_connection_loss() {
         }
     }
     let missing: Vec<&String> = confirmed.difference(&received).take(10).collect();
-    assert!(missing.is_empty(), "confirmed but never delivered: {missing:?} …");
-    client.health_check().await.expect("healthy after reconnect");
+    assert!(
+        missing.is_empty(),
+        "confirmed but never delivered: {missing:?} …"
+    );
+    client
+        .health_check()
+        .await
+        .expect("healthy after reconnect");
     consumer.stop().await.expect("stop");
     client.admin().delete_topic(&topic).await.expect("delete");
-    client.shutdown(Duration::from_secs(30)).await.expect("shutdown");
+    client
+        .shutdown(Duration::from_secs(30))
+        .await
+        .expect("shutdown");
 }

@@ -25,7 +25,11 @@ use lapin::{BasicProperties, Connection, ConnectionProperties};
 const PARTITIONS: u32 = 4;
 
 fn rate(n: usize, d: Duration) -> String {
-    format!("{:>9.0} msg/s ({:.2} s)", n as f64 / d.as_secs_f64(), d.as_secs_f64())
+    format!(
+        "{:>9.0} msg/s ({:.2} s)",
+        n as f64 / d.as_secs_f64(),
+        d.as_secs_f64()
+    )
 }
 
 fn value(i: usize) -> Vec<u8> {
@@ -54,7 +58,9 @@ async fn courier_produce(client: &Client, topic: &str, n: usize) -> Duration {
 
 async fn bare_produce(conn: &Connection, topic: &str, n: usize) -> Duration {
     let ch = conn.create_channel().await.expect("channel");
-    ch.confirm_select(Default::default()).await.expect("confirms");
+    ch.confirm_select(Default::default())
+        .await
+        .expect("confirms");
     let start = Instant::now();
     let mut confirms = Vec::with_capacity(n);
     for i in 0..n {
@@ -112,18 +118,31 @@ async fn bare_consume(conn: &Connection, topic: &str, n: usize) -> Duration {
         let (total, done) = (total.clone(), done.clone());
         let stream = format!("{topic}:{p}");
         tasks.push(tokio::spawn(async move {
-            ch.basic_qos(1000, BasicQosOptions::default()).await.expect("qos");
+            ch.basic_qos(1000, BasicQosOptions::default())
+                .await
+                .expect("qos");
             let mut args = FieldTable::default();
-            args.insert("x-stream-offset".into(), AMQPValue::LongString("first".into()));
+            args.insert(
+                "x-stream-offset".into(),
+                AMQPValue::LongString("first".into()),
+            );
             let mut c = ch
-                .basic_consume(stream.as_str().into(), "bare".into(), BasicConsumeOptions::default(), args)
+                .basic_consume(
+                    stream.as_str().into(),
+                    "bare".into(),
+                    BasicConsumeOptions::default(),
+                    args,
+                )
                 .await
                 .expect("consume");
             let mut k = 0u32;
             while let Some(Ok(d)) = c.next().await {
                 k += 1;
                 if k % 500 == 0 {
-                    d.acker.ack(BasicAckOptions { multiple: true }).await.expect("ack");
+                    d.acker
+                        .ack(BasicAckOptions { multiple: true })
+                        .await
+                        .expect("ack");
                 }
                 if total.fetch_add(1, Ordering::Relaxed) + 1 == n {
                     done.notify_one();
@@ -141,28 +160,59 @@ async fn bare_consume(conn: &Connection, topic: &str, n: usize) -> Duration {
 
 #[tokio::main]
 async fn main() {
-    let n: usize = std::env::var("BENCH_N").ok().and_then(|v| v.parse().ok()).unwrap_or(200_000);
-    let rounds: usize = std::env::var("BENCH_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(2);
+    let n: usize = std::env::var("BENCH_N")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200_000);
+    let rounds: usize = std::env::var("BENCH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2);
     let url = std::env::var("COURIER_AMQP_URL")
         .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
     let client = Client::connect(&url).await.expect("connect");
-    let conn = Connection::connect(&url, ConnectionProperties::default()).await.expect("bare connect");
+    let conn = Connection::connect(&url, ConnectionProperties::default())
+        .await
+        .expect("bare connect");
     println!("amqp bench: {n} messages of 100 B, {PARTITIONS} partitions, {rounds} rounds");
     for r in 0..rounds {
-        let ct = format!("bench-courier-{}", ulid::Ulid::new().to_string().to_lowercase());
-        let bt = format!("bench-bare-{}", ulid::Ulid::new().to_string().to_lowercase());
+        let ct = format!(
+            "bench-courier-{}",
+            ulid::Ulid::new().to_string().to_lowercase()
+        );
+        let bt = format!(
+            "bench-bare-{}",
+            ulid::Ulid::new().to_string().to_lowercase()
+        );
         for t in [&ct, &bt] {
-            client.admin().create_topic(TopicSpec::new(t, PARTITIONS)).await.expect("topic");
+            client
+                .admin()
+                .create_topic(TopicSpec::new(t, PARTITIONS))
+                .await
+                .expect("topic");
         }
         let cp = courier_produce(&client, &ct, n).await;
         let bp = bare_produce(&conn, &bt, n).await;
         let cc = courier_consume(&client, &ct, n).await;
         let bc = bare_consume(&conn, &bt, n).await;
-        println!("round {r}: produce courier {} | bare {} | ratio {:.0}%", rate(n, cp), rate(n, bp), 100.0 * bp.as_secs_f64() / cp.as_secs_f64());
-        println!("round {r}: consume courier {} | bare {} | ratio {:.0}%", rate(n, cc), rate(n, bc), 100.0 * bc.as_secs_f64() / cc.as_secs_f64());
+        println!(
+            "round {r}: produce courier {} | bare {} | ratio {:.0}%",
+            rate(n, cp),
+            rate(n, bp),
+            100.0 * bp.as_secs_f64() / cp.as_secs_f64()
+        );
+        println!(
+            "round {r}: consume courier {} | bare {} | ratio {:.0}%",
+            rate(n, cc),
+            rate(n, bc),
+            100.0 * bc.as_secs_f64() / cc.as_secs_f64()
+        );
         for t in [&ct, &bt] {
             client.admin().delete_topic(t).await.expect("delete");
         }
     }
-    client.shutdown(Duration::from_secs(30)).await.expect("shutdown");
+    client
+        .shutdown(Duration::from_secs(30))
+        .await
+        .expect("shutdown");
 }
