@@ -15,6 +15,8 @@ pub fn supported_schemes() -> Vec<&'static str> {
     s.push("redis");
     #[cfg(feature = "nats")]
     s.push("nats");
+    #[cfg(feature = "amqp")]
+    s.extend(["amqp", "amqps"]);
     s
 }
 
@@ -51,6 +53,10 @@ pub(crate) async fn connect_driver(config: &Config) -> Result<Arc<dyn Driver>> {
         #[cfg(feature = "nats")]
         "nats" => Ok(Arc::new(
             courier_nats::NatsDriver::connect(config.clone()).await?,
+        )),
+        #[cfg(feature = "amqp")]
+        "amqp" | "amqps" => Ok(Arc::new(
+            courier_amqp::AmqpDriver::connect(config.clone()).await?,
         )),
         other => Err(Error::UnsupportedBackend {
             scheme: other.to_string(),
