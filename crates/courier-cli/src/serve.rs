@@ -17,7 +17,8 @@ pub struct Args {
 
 pub async fn run(client: &Client, args: Args, config_file: Option<&PathBuf>) -> anyhow::Result<()> {
     let config = match config_file {
-        Some(p) => ServerConfig::from_file(p).with_context(|| format!("reading [server] of {}", p.display()))?,
+        Some(p) => ServerConfig::from_file(p)
+            .with_context(|| format!("reading [server] of {}", p.display()))?,
         None => ServerConfig::default(),
     };
     let listen = match (args.listen, &config.listen) {
@@ -26,10 +27,9 @@ pub async fn run(client: &Client, args: Args, config_file: Option<&PathBuf>) -> 
         (None, None) => SocketAddr::from(([127, 0, 0, 1], 7070)),
     };
     let url = client.config().url_or_default().to_string();
-    let admin_token_file = config
-        .admin_token_file
-        .clone()
-        .unwrap_or_else(|| courier_server::default_admin_token_file(&url, config_file.map(|p| p.as_path())));
+    let admin_token_file = config.admin_token_file.clone().unwrap_or_else(|| {
+        courier_server::default_admin_token_file(&url, config_file.map(|p| p.as_path()))
+    });
     let server = courier_server::start(
         client.clone(),
         ServeOptions {
@@ -41,7 +41,11 @@ pub async fn run(client: &Client, args: Args, config_file: Option<&PathBuf>) -> 
     )
     .await?;
     let base = format!("{}://{}", server.scheme(), server.local_addr());
-    println!("courier serve: listening on {base} (backend {}, {})", client.backend(), courier::config::redact_url(&url));
+    println!(
+        "courier serve: listening on {base} (backend {}, {})",
+        client.backend(),
+        courier::config::redact_url(&url)
+    );
     println!("  API      {base}/api/v1/mq   OpenAPI {base}/api/v1/openapi.json");
     match server.admin_token() {
         AdminToken::FromEnv => println!("  admin token: from COURIER_ADMIN_TOKEN"),
@@ -68,13 +72,14 @@ pub async fn run(client: &Client, args: Args, config_file: Option<&PathBuf>) -> 
 async fn shutdown_signal() {
     #[cfg(unix)]
     {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-                return;
-            }
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = tokio::signal::ctrl_c().await;
+                    return;
+                }
+            };
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = term.recv() => {}

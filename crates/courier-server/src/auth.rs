@@ -41,10 +41,20 @@ impl std::fmt::Debug for Principal {
 }
 
 impl Principal {
-    fn new(name: String, role: Role, topics: Vec<String>, rate: &RateLimitConfig, own: Option<u32>) -> Self {
+    fn new(
+        name: String,
+        role: Role,
+        topics: Vec<String>,
+        rate: &RateLimitConfig,
+        own: Option<u32>,
+    ) -> Self {
         let per_second = own.unwrap_or(rate.per_second);
         let limiter = NonZeroU32::new(per_second).map(|ps| {
-            let burst = NonZeroU32::new(rate.burst.max(per_second)).unwrap_or(ps);
+            // A token's own rate comes with one second's worth of burst.
+            let burst = match own {
+                Some(_) => ps,
+                None => NonZeroU32::new(rate.burst.max(per_second)).unwrap_or(ps),
+            };
             RateLimiter::direct(Quota::per_second(ps).allow_burst(burst))
         });
         Self {
@@ -157,10 +167,24 @@ pub fn build_tokens(
         let mut hash = [0u8; 32];
         hex::decode_to_slice(&t.sha256, &mut hash)
             .map_err(|e| anyhow::anyhow!("token {:?}: {e}", t.name))?;
-        let p = Principal::new(t.name.clone(), t.role, t.topics.clone(), &config.rate_limit, t.rate_per_second);
+        let p = Principal::new(
+            t.name.clone(),
+            t.role,
+            t.topics.clone(),
+            &config.rate_limit,
+            t.rate_per_second,
+        );
         by_hash.insert(hash, Arc::new(p));
     }
-    let admin = |name: &str| Arc::new(Principal::new(name.into(), Role::Admin, Vec::new(), &config.rate_limit, None));
+    let admin = |name: &str| {
+        Arc::new(Principal::new(
+            name.into(),
+            Role::Admin,
+            Vec::new(),
+            &config.rate_limit,
+            None,
+        ))
+    };
     let origin = match env_admin.filter(|t| !t.is_empty()) {
         Some(token) => {
             by_hash.insert(hash_token(token), admin("env-admin"));
@@ -223,15 +247,25 @@ fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
 
 /// Middleware: authenticates the bearer token, applies its rate limit, and puts the
 /// [`Principal`] into the request extensions.
-pub async fn require_token(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
+pub async fn require_token(
+    State(state): State<AppState>,
+    mut req: Request,
+    next: Next,
+) -> Response {
     let token = req
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
         .map(str::trim);
     let principal = match token {
-        None => return ApiError::unauthorized("missing bearer token (Authorization: Bearer …)").into_response(),
+        None => {
+            return ApiError::unauthorized("missing bearer token (Authorization: Bearer …)")
+                .into_response()
+        }
         Some(t) => match state.tokens.lookup(t) {
             Some(p) => p,
             None => return ApiError::unauthorized("invalid token").into_response(),

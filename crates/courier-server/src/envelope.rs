@@ -85,28 +85,44 @@ impl ApiError {
     }
 }
 
+/// The HTTP status for a Courier error (a failed batch takes its cause's status).
+fn status_of(e: &Error) -> StatusCode {
+    match e {
+        Error::EmptyTopic
+        | Error::NoTopics
+        | Error::EmptyGroupId
+        | Error::InvalidTopic { .. }
+        | Error::InvalidArgument(_)
+        | Error::Config(_)
+        | Error::Serialization(_) => StatusCode::BAD_REQUEST,
+        Error::MessageTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+        Error::TopicNotFound(_) | Error::GroupNotFound(_) => StatusCode::NOT_FOUND,
+        Error::TopicExists(_) => StatusCode::CONFLICT,
+        Error::QueueFull(_) => StatusCode::TOO_MANY_REQUESTS,
+        Error::BatchSendFailed { source, .. } => status_of(source),
+        Error::SendFailed { source, .. } => match source.downcast_ref::<Error>() {
+            Some(inner) => status_of(inner),
+            // The producer reports a failed write to every message of the batch as
+            // text; a size refusal by the backend is still the client's 413.
+            None if source.to_string().contains("exceeds the maximum") => {
+                StatusCode::PAYLOAD_TOO_LARGE
+            }
+            None => StatusCode::INTERNAL_SERVER_ERROR,
+        },
+        Error::Unsupported { .. } => StatusCode::NOT_IMPLEMENTED,
+        Error::ClientClosed | Error::ProducerClosed | Error::ConsumerClosed => {
+            StatusCode::SERVICE_UNAVAILABLE
+        }
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
 impl From<Error> for ApiError {
     fn from(e: Error) -> Self {
-        let status = match &e {
-            Error::EmptyTopic
-            | Error::NoTopics
-            | Error::EmptyGroupId
-            | Error::InvalidTopic { .. }
-            | Error::InvalidArgument(_)
-            | Error::Config(_)
-            | Error::Serialization(_) => StatusCode::BAD_REQUEST,
-            Error::MessageTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            Error::TopicNotFound(_) | Error::GroupNotFound(_) => StatusCode::NOT_FOUND,
-            Error::TopicExists(_) => StatusCode::CONFLICT,
-            Error::QueueFull(_) => {
-                return ApiError::too_many(e.to_string(), 1);
-            }
-            Error::Unsupported { .. } => StatusCode::NOT_IMPLEMENTED,
-            Error::ClientClosed | Error::ProducerClosed | Error::ConsumerClosed => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
-            _ => StatusCode::INTERNAL_SERVER_ERROR,
-        };
+        let status = status_of(&e);
+        if status == StatusCode::TOO_MANY_REQUESTS {
+            return ApiError::too_many(e.to_string(), 1);
+        }
         if status.is_server_error() {
             tracing::error!(error = %e, "request failed");
         }

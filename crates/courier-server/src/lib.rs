@@ -37,12 +37,14 @@ use tokio_util::sync::CancellationToken;
 use utoipa::OpenApi;
 
 pub use auth::{generate_token, hash_token, AdminToken};
-pub use RunningServer as Server;
 pub use config::{RateLimitConfig, Role, ServerConfig, TlsConfig, TokenConfig};
 pub use openapi::ApiDoc;
+pub use RunningServer as Server;
 
 use crate::envelope::ApiError;
-use crate::routes::{consume as consume_routes, dead_letters, groups, health, messages, monitoring, topics};
+use crate::routes::{
+    consume as consume_routes, dead_letters, groups, health, messages, monitoring, topics,
+};
 use crate::state::AppState;
 
 /// Where the generated admin token's hash is kept when the config does not say:
@@ -122,7 +124,10 @@ impl RunningServer {
 
     /// Waits until the server stops on its own (a fatal accept error).
     pub async fn wait(&mut self) -> anyhow::Result<()> {
-        (&mut self.task).await.context("server task")?.context("serving")
+        (&mut self.task)
+            .await
+            .context("server task")?
+            .context("serving")
     }
 }
 
@@ -134,11 +139,17 @@ fn router(state: AppState) -> Router {
         .route("/messages/batch", post(messages::send_batch))
         .route("/consumers/{groupId}/fetch", post(consume_routes::fetch))
         .route("/consumers/{groupId}/commit", post(consume_routes::commit))
-        .route("/consumers/{groupId}/members/{consumerId}", delete(consume_routes::leave))
+        .route(
+            "/consumers/{groupId}/members/{consumerId}",
+            delete(consume_routes::leave),
+        )
         .route_layer(token.clone());
     let admin = Router::new()
         .route("/topics", get(topics::list).post(topics::create))
-        .route("/topics/{name}", get(topics::get).put(topics::update).delete(topics::delete))
+        .route(
+            "/topics/{name}",
+            get(topics::get).put(topics::update).delete(topics::delete),
+        )
         .route("/consumers", get(groups::list))
         .route("/monitoring", get(monitoring::monitoring))
         .merge(dead_letters::routes())
@@ -170,14 +181,21 @@ async fn not_found() -> ApiError {
 }
 
 async fn method_not_allowed() -> ApiError {
-    ApiError::new(axum::http::StatusCode::METHOD_NOT_ALLOWED, "method not allowed on this endpoint")
+    ApiError::new(
+        axum::http::StatusCode::METHOD_NOT_ALLOWED,
+        "method not allowed on this endpoint",
+    )
 }
 
 /// Binds `opts.listen` and serves `client` until [`RunningServer::shutdown`].
 pub async fn start(client: Client, opts: ServeOptions) -> anyhow::Result<RunningServer> {
     opts.config.validate()?;
     metrics::install();
-    let (tokens, admin) = auth::build_tokens(&opts.config, opts.env_admin_token.as_deref(), &opts.admin_token_file)?;
+    let (tokens, admin) = auth::build_tokens(
+        &opts.config,
+        opts.env_admin_token.as_deref(),
+        &opts.admin_token_file,
+    )?;
     let audit = audit::AuditLog::open(opts.config.audit_log.as_deref()).await?;
     let config = Arc::new(opts.config);
     let state = AppState {
@@ -205,10 +223,18 @@ pub async fn start(client: Client, opts: ServeOptions) -> anyhow::Result<Running
     let task = match &config.tls {
         Some(tls) => {
             let _ = rustls::crypto::ring::default_provider().install_default();
-            let rustls_config = axum_server::tls_rustls::RustlsConfig::from_pem_file(&tls.cert, &tls.key)
-                .await
-                .with_context(|| format!("loading TLS certificate {} / key {}", tls.cert.display(), tls.key.display()))?;
-            let server = axum_server::from_tcp_rustls(listener, rustls_config).handle(handle.clone());
+            let rustls_config =
+                axum_server::tls_rustls::RustlsConfig::from_pem_file(&tls.cert, &tls.key)
+                    .await
+                    .with_context(|| {
+                        format!(
+                            "loading TLS certificate {} / key {}",
+                            tls.cert.display(),
+                            tls.key.display()
+                        )
+                    })?;
+            let server =
+                axum_server::from_tcp_rustls(listener, rustls_config).handle(handle.clone());
             tokio::spawn(async move { server.serve(app).await })
         }
         None => {

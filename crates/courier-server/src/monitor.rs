@@ -67,7 +67,10 @@ impl History {
         let now = Instant::now();
         let mut s = self.samples.lock();
         s.push_back(Sample { at: now, ends });
-        while s.front().is_some_and(|f| now.duration_since(f.at) > self.keep) {
+        while s
+            .front()
+            .is_some_and(|f| now.duration_since(f.at) > self.keep)
+        {
             s.pop_front();
         }
         Ok(())
@@ -79,6 +82,10 @@ impl History {
         let s = self.samples.lock();
         s.iter()
             .find(|x| now.duration_since(x.at) <= window)
-            .and_then(|x| x.ends.get(topic).map(|e| (now.duration_since(x.at), e.clone())))
+            .and_then(|x| {
+                x.ends
+                    .get(topic)
+                    .map(|e| (now.duration_since(x.at), e.clone()))
+            })
     }
 }

@@ -28,10 +28,7 @@ pub async fn allowlist(State(allow): State<Arc<Vec<IpNet>>>, req: Request, next:
 /// IPv4-mapped IPv6 addresses (dual-stack sockets) compare as IPv4.
 fn canonical(ip: std::net::IpAddr) -> std::net::IpAddr {
     match ip {
-        std::net::IpAddr::V6(v6) => v6
-            .to_ipv4_mapped()
-            .map(std::net::IpAddr::V4)
-            .unwrap_or(ip),
+        std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map(std::net::IpAddr::V4).unwrap_or(ip),
         v4 => v4,
     }
 }

@@ -47,7 +47,9 @@ impl AppState {
             }
         }
         if self.client.admin().topic_exists(topic).await? {
-            self.topics_seen.write().insert(topic.to_string(), Instant::now());
+            self.topics_seen
+                .write()
+                .insert(topic.to_string(), Instant::now());
             Ok(())
         } else {
             Err(crate::envelope::ApiError::not_found(format!(

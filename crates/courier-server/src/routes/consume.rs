@@ -96,7 +96,10 @@ fn record(f: Fetched) -> FetchedRecord {
         None => (None, "text"),
         Some(k) => match std::str::from_utf8(k) {
             Ok(s) => (Some(s.to_string()), "text"),
-            Err(_) => (Some(base64::engine::general_purpose::STANDARD.encode(k)), "base64"),
+            Err(_) => (
+                Some(base64::engine::general_purpose::STANDARD.encode(k)),
+                "base64",
+            ),
         },
     };
     let as_string = |s: &str| RawValue::from_string(serde_json::to_string(s).unwrap_or_default());
@@ -184,7 +187,9 @@ pub struct LeaveResult {
 
 fn check_group(group: &str) -> Result<(), ApiError> {
     if group.is_empty() || group.len() > 249 || group.chars().any(|c| c.is_control()) {
-        return Err(ApiError::bad_request("groupId must be 1..=249 printable characters"));
+        return Err(ApiError::bad_request(
+            "groupId must be 1..=249 printable characters",
+        ));
     }
     Ok(())
 }
@@ -223,7 +228,9 @@ pub async fn fetch(
     }
     let id = match body.consumer_id {
         Some(id) if id.is_empty() || id.len() > 200 => {
-            return Err(ApiError::bad_request("consumerId must be 1..=200 characters"))
+            return Err(ApiError::bad_request(
+                "consumerId must be 1..=200 characters",
+            ))
         }
         Some(id) => id,
         None => ulid::Ulid::new().to_string(),
@@ -232,11 +239,18 @@ pub async fn fetch(
     if max == 0 || max > 1000 {
         return Err(ApiError::bad_request("maxRecords must be 1..=1000"));
     }
-    let visibility = body.visibility_timeout_ms.unwrap_or(state.config.visibility_timeout_ms);
+    let visibility = body
+        .visibility_timeout_ms
+        .unwrap_or(state.config.visibility_timeout_ms);
     if !(100..=3_600_000).contains(&visibility) {
-        return Err(ApiError::bad_request("visibilityTimeoutMs must be 100..=3600000"));
+        return Err(ApiError::bad_request(
+            "visibilityTimeoutMs must be 100..=3600000",
+        ));
     }
-    let wait = body.timeout_ms.unwrap_or(5000).min(state.config.max_poll_ms);
+    let wait = body
+        .timeout_ms
+        .unwrap_or(5000)
+        .min(state.config.max_poll_ms);
     let req = FetchRequest {
         topics: body.topics,
         max_records: max as usize,
@@ -285,14 +299,20 @@ pub async fn commit(
         .iter()
         .map(|r| (r.topic_name.clone(), r.partition, r.offset))
         .collect();
-    let missing = state.members.commit(&group, &body.consumer_id, &p.name, &refs)?;
+    let missing = state
+        .members
+        .commit(&group, &body.consumer_id, &p.name, &refs)?;
     Ok(ok(
         "committed",
         CommitResult {
             committed: refs.len() - missing.len(),
             not_held: missing
                 .into_iter()
-                .map(|(topic_name, partition, offset)| RecordRef { topic_name, partition, offset })
+                .map(|(topic_name, partition, offset)| RecordRef {
+                    topic_name,
+                    partition,
+                    offset,
+                })
                 .collect(),
         },
     ))

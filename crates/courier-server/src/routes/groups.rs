@@ -51,8 +51,12 @@ pub struct GroupView {
     pub group_id: String,
     /// `active` (has members) or `inactive`.
     pub status: String,
-    /// Members.
+    /// Members as the backend reports them (HTTP consumers included, under the
+    /// backend's member ids).
     pub members: Vec<MemberView>,
+    /// The HTTP consumers this server holds for the group (each is also one of
+    /// `members`).
+    pub http_consumers: Vec<MemberView>,
     /// Positions.
     pub partitions: Vec<GroupPartitionView>,
     /// Sum of lag.
@@ -89,7 +93,7 @@ pub async fn collect(state: &AppState, only: Option<&str>) -> courier::Result<Ve
             Err(courier::Error::GroupNotFound(_)) => continue,
             Err(e) => return Err(e),
         };
-        let mut members: BTreeMap<String, MemberView> = info
+        let members: BTreeMap<String, MemberView> = info
             .members
             .iter()
             .map(|m| {
@@ -105,17 +109,15 @@ pub async fn collect(state: &AppState, only: Option<&str>) -> courier::Result<Ve
                 )
             })
             .collect();
+        let mut http_consumers = Vec::new();
         for m in http.iter().filter(|m| m.group == g) {
-            members.insert(
-                format!("http:{}", m.id),
-                MemberView {
-                    member_id: m.id.clone(),
-                    kind: "http".into(),
-                    assignment: m.assignment().await.iter().map(|tp| tp.to_string()).collect(),
-                    in_flight: Some(m.in_flight()),
-                    idle_ms: Some(m.idle().as_millis() as u64),
-                },
-            );
+            http_consumers.push(MemberView {
+                member_id: m.id.clone(),
+                kind: "http".into(),
+                assignment: m.assignment().iter().map(|tp| tp.to_string()).collect(),
+                in_flight: Some(m.in_flight()),
+                idle_ms: Some(m.idle().as_millis() as u64),
+            });
         }
         let partitions: Vec<GroupPartitionView> = info
             .offsets
@@ -129,10 +131,16 @@ pub async fn collect(state: &AppState, only: Option<&str>) -> courier::Result<Ve
             })
             .collect();
         out.push(GroupView {
-            status: if members.is_empty() { "inactive" } else { "active" }.into(),
+            status: if members.is_empty() && http_consumers.is_empty() {
+                "inactive"
+            } else {
+                "active"
+            }
+            .into(),
             total_lag: info.total_lag(),
             group_id: g,
             members: members.into_values().collect(),
+            http_consumers,
             partitions,
         });
     }

@@ -23,7 +23,13 @@ pub struct Health {
 #[utoipa::path(get, path = "/healthz", tag = "health",
     responses((status = 200, description = "alive", body = Envelope<Health>)))]
 pub async fn healthz(State(state): State<AppState>) -> Json<Envelope<Health>> {
-    ok("alive", Health { status: "ok".into(), backend: state.client.backend().into() })
+    ok(
+        "alive",
+        Health {
+            status: "ok".into(),
+            backend: state.client.backend().into(),
+        },
+    )
 }
 
 /// Readiness: a real round trip to the backend succeeds.
@@ -34,8 +40,17 @@ pub async fn healthz(State(state): State<AppState>) -> Json<Envelope<Health>> {
     ))]
 pub async fn readyz(State(state): State<AppState>) -> ApiResult<Json<Envelope<Health>>> {
     match state.client.health_check().await {
-        Ok(()) => Ok(ok("ready", Health { status: "ok".into(), backend: state.client.backend().into() })),
-        Err(e) => Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, format!("backend not ready: {e}"))),
+        Ok(()) => Ok(ok(
+            "ready",
+            Health {
+                status: "ok".into(),
+                backend: state.client.backend().into(),
+            },
+        )),
+        Err(e) => Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("backend not ready: {e}"),
+        )),
     }
 }
 

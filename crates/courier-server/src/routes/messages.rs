@@ -107,11 +107,9 @@ fn to_message(p: &Principal, req: SendMessageRequest) -> Result<Message, ApiErro
                 "messageType \"delay\" is not available on this server yet; send normal messages",
             ))
         }
-        MessageType::Transaction => {
-            return Err(ApiError::bad_request(
-                "messageType \"transaction\" is not available on this server yet; send normal messages",
-            ))
-        }
+        MessageType::Transaction => return Err(ApiError::bad_request(
+            "messageType \"transaction\" is not available on this server yet; send normal messages",
+        )),
     }
     if req.delay_seconds.unwrap_or(0) != 0 {
         return Err(ApiError::bad_request(

@@ -92,7 +92,8 @@ pub struct Monitoring {
 pub fn parse_range(s: &str) -> Result<Duration, ApiError> {
     let d = match s.parse::<u64>() {
         Ok(secs) => Duration::from_secs(secs),
-        Err(_) => humantime_like(s).ok_or_else(|| ApiError::bad_request("timeRange: expected e.g. 30s, 5m, 1h"))?,
+        Err(_) => humantime_like(s)
+            .ok_or_else(|| ApiError::bad_request("timeRange: expected e.g. 30s, 5m, 1h"))?,
     };
     if d < Duration::from_secs(1) || d > MAX_WINDOW {
         return Err(ApiError::bad_request("timeRange must be between 1s and 1h"));

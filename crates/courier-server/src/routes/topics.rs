@@ -159,7 +159,9 @@ pub struct TopicDeleted {
 
 fn check_partitions(n: u32) -> Result<(), ApiError> {
     if n == 0 || n > MAX_PARTITIONS {
-        return Err(ApiError::bad_request(format!("partitions must be 1..={MAX_PARTITIONS}")));
+        return Err(ApiError::bad_request(format!(
+            "partitions must be 1..={MAX_PARTITIONS}"
+        )));
     }
     Ok(())
 }
@@ -222,7 +224,9 @@ pub async fn create(
     spec.retention_ms = req.retention_ms;
     spec.max_message_size = match req.max_message_size {
         Some(0) => return Err(ApiError::bad_request("maxMessageSize must be at least 1")),
-        Some(m) => Some(usize::try_from(m).map_err(|_| ApiError::bad_request("maxMessageSize too large"))?),
+        Some(m) => Some(
+            usize::try_from(m).map_err(|_| ApiError::bad_request("maxMessageSize too large"))?,
+        ),
         None => None,
     };
     spec.config = req.config.unwrap_or_default();
