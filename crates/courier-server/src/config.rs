@@ -79,6 +79,8 @@ pub struct ServerConfig {
     pub max_body_bytes: usize,
     /// Most messages in one batch request.
     pub max_batch: usize,
+    /// Most partitions a topic may be created with or grown to through the API.
+    pub max_partitions: u32,
     /// HTTPS.
     pub tls: Option<TlsConfig>,
     /// Where the generated admin token's hash is kept (default: in the data directory
@@ -104,6 +106,7 @@ impl Default for ServerConfig {
             rate_limit: RateLimitConfig::default(),
             max_body_bytes: 16 * 1024 * 1024,
             max_batch: 10_000,
+            max_partitions: 1024,
             tls: None,
             admin_token_file: None,
             audit_log: None,

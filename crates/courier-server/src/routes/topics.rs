@@ -157,10 +157,11 @@ pub struct TopicDeleted {
     pub name: String,
 }
 
-fn check_partitions(n: u32) -> Result<(), ApiError> {
-    if n == 0 || n > MAX_PARTITIONS {
+fn check_partitions(state: &AppState, n: u32) -> Result<(), ApiError> {
+    let max = state.config.max_partitions.min(MAX_PARTITIONS);
+    if n == 0 || n > max {
         return Err(ApiError::bad_request(format!(
-            "partitions must be 1..={MAX_PARTITIONS}"
+            "partitions must be 1..={max}"
         )));
     }
     Ok(())
@@ -211,7 +212,7 @@ pub async fn create(
     ApiJson(req): ApiJson<CreateTopicRequest>,
 ) -> ApiResult<Json<Envelope<TopicCreated>>> {
     let partitions = req.partitions.unwrap_or(1);
-    check_partitions(partitions)?;
+    check_partitions(&state, partitions)?;
     let rf = req.replication_factor.unwrap_or(1);
     if rf == 0 || rf > 16 {
         return Err(ApiError::bad_request("replicationFactor must be 1..=16"));
@@ -304,7 +305,7 @@ pub async fn update(
         config.insert("max.message.bytes".into(), m.to_string());
     }
     if let Some(p) = req.partitions {
-        check_partitions(p)?;
+        check_partitions(&state, p)?;
         let have = current.partitions.len() as u32;
         if p < have {
             return Err(ApiError::bad_request(format!(
