@@ -9,8 +9,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use courier::{Client, Delivery};
-use std::sync::Mutex;
 use serde_json::{json, Value};
+use std::sync::Mutex;
 
 const TOKEN: &str = "crash-test-admin-token";
 
@@ -41,24 +41,40 @@ async fn load(http: reqwest::Client, base: String, worker: usize, round: usize, 
     for n in 0.. {
         let batch = n % 5 == 4;
         let values: Vec<String> = if batch {
-            (0..20).map(|i| format!("r{round}-w{worker}-n{n}-b{i}")).collect()
+            (0..20)
+                .map(|i| format!("r{round}-w{worker}-n{n}-b{i}"))
+                .collect()
         } else {
             vec![format!("r{round}-w{worker}-n{n}")]
         };
         let (path, body) = if batch {
-            let msgs: Vec<Value> = values.iter().map(|v| json!({"topicName": "crash.t", "key": v, "value": v})).collect();
+            let msgs: Vec<Value> = values
+                .iter()
+                .map(|v| json!({"topicName": "crash.t", "key": v, "value": v}))
+                .collect();
             ("/api/v1/mq/messages/batch", json!({"messages": msgs}))
         } else {
-            ("/api/v1/mq/messages", json!({"topicName": "crash.t", "key": values[0], "value": values[0]}))
+            (
+                "/api/v1/mq/messages",
+                json!({"topicName": "crash.t", "key": values[0], "value": values[0]}),
+            )
         };
-        let resp = match http.post(format!("{base}{path}")).bearer_auth(TOKEN).json(&body).send().await {
+        let resp = match http
+            .post(format!("{base}{path}"))
+            .bearer_auth(TOKEN)
+            .json(&body)
+            .send()
+            .await
+        {
             Ok(r) => r,
             Err(_) => return, // the server died
         };
         if resp.status() != 200 {
             return;
         }
-        let Ok(v) = resp.json::<Value>().await else { return };
+        let Ok(v) = resp.json::<Value>().await else {
+            return;
+        };
         let results: Vec<Value> = if batch {
             v["data"]["results"].as_array().unwrap().clone()
         } else {
@@ -66,7 +82,11 @@ async fn load(http: reqwest::Client, base: String, worker: usize, round: usize, 
         };
         let mut a = acked.lock().unwrap();
         for (r, val) in results.iter().zip(values) {
-            a.push((r["partition"].as_u64().unwrap() as u32, r["offset"].as_u64().unwrap(), val));
+            a.push((
+                r["partition"].as_u64().unwrap() as u32,
+                r["offset"].as_u64().unwrap(),
+                val,
+            ));
         }
     }
 }
@@ -75,7 +95,10 @@ async fn load(http: reqwest::Client, base: String, worker: usize, round: usize, 
 async fn kill_9_during_produce_loses_no_acknowledged_message() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap();
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
     let acked: Acked = Arc::default();
     for round in 0..3 {
         let (mut child, base) = start_server(&data);
@@ -103,11 +126,16 @@ async fn kill_9_during_produce_loses_no_acknowledged_message() {
         for t in tasks {
             t.await.unwrap();
         }
-        assert!(acked.lock().unwrap().len() > before, "round {round} acknowledged nothing");
+        assert!(
+            acked.lock().unwrap().len() > before,
+            "round {round} acknowledged nothing"
+        );
     }
 
     let acked = acked.lock().unwrap().clone();
-    let client = Client::connect(&format!("file://{}", data.display())).await.unwrap();
+    let client = Client::connect(&format!("file://{}", data.display()))
+        .await
+        .unwrap();
     let seen: Arc<Mutex<HashMap<(u32, u64), String>>> = Arc::default();
     let s = seen.clone();
     let consumer = client
@@ -125,18 +153,28 @@ async fn kill_9_during_produce_loses_no_acknowledged_message() {
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let missing = acked.iter().filter(|(p, o, _)| !seen.lock().unwrap().contains_key(&(*p, *o))).count();
+        let missing = acked
+            .iter()
+            .filter(|(p, o, _)| !seen.lock().unwrap().contains_key(&(*p, *o)))
+            .count();
         if missing == 0 {
             break;
         }
-        assert!(Instant::now() < deadline, "{missing} of {} acknowledged messages are not in the log", acked.len());
+        assert!(
+            Instant::now() < deadline,
+            "{missing} of {} acknowledged messages are not in the log",
+            acked.len()
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let seen = seen.lock().unwrap();
     for (p, o, v) in &acked {
         assert_eq!(seen.get(&(*p, *o)), Some(v), "message at {p}/{o}");
     }
-    eprintln!("{} acknowledged messages over 3 kill -9 rounds, all present", acked.len());
+    eprintln!(
+        "{} acknowledged messages over 3 kill -9 rounds, all present",
+        acked.len()
+    );
     consumer.stop().await.unwrap();
     client.shutdown(Duration::from_secs(10)).await.unwrap();
 }

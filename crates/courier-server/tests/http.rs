@@ -245,6 +245,25 @@ async fn topics_crud_and_errors() {
         .await;
     assert_eq!(s, 404);
 
+    // The longest valid name (249) can be created and deleted (found by schemathesis).
+    let long = "t".repeat(249);
+    let (s, _) = api
+        .admin("POST", "/api/v1/mq/topics", Some(json!({"name": long})))
+        .await;
+    assert_eq!(s, 200);
+    let (s, _) = api
+        .admin("DELETE", &format!("/api/v1/mq/topics/{long}"), None)
+        .await;
+    assert_eq!(s, 200);
+    let (s, _) = api
+        .admin(
+            "POST",
+            "/api/v1/mq/topics",
+            Some(json!({"name": "t".repeat(250)})),
+        )
+        .await;
+    assert_eq!(s, 400);
+
     let (s, v) = api.admin("GET", "/api/v1/mq/nothing-here", None).await;
     assert_eq!((s, v["code"].clone()), (StatusCode::NOT_FOUND, json!(404)));
     let (s, _) = api.admin("PATCH", "/api/v1/mq/topics", None).await;

@@ -69,7 +69,7 @@ async fn schemathesis_finds_no_server_error_and_no_schema_violation() {
             .arg("run")
             .arg(&url)
             .args(["--checks", "not_a_server_error,response_schema_conformance"])
-            .args(["--max-examples", "15", "--max-time", "100", "--seed", "7"])
+            .args(["--max-examples", "15", "--max-time", "75", "--seed", "7"])
             .args(["--header", &format!("Authorization: Bearer {ADMIN}")])
             .args(["--request-timeout", "10", "--no-color"])
             .arg("--report-dir")

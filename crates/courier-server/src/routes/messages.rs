@@ -34,7 +34,7 @@ pub enum MessageType {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct SendMessageRequest {
     /// Destination topic (must exist).
-    #[schema(example = "user.events", min_length = 1)]
+    #[schema(example = "user.events", pattern = "^[A-Za-z0-9._-]{1,249}$")]
     pub topic_name: String,
     /// Partitioning key: one key always lands in one partition, in order.
     #[serde(default)]

@@ -21,7 +21,7 @@ pub const MAX_PARTITIONS: u32 = 1024;
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CreateTopicRequest {
     /// Name (`{domain}.{entity}.{event}` by convention).
-    #[schema(example = "payment.order.paid", min_length = 1, max_length = 249)]
+    #[schema(example = "payment.order.paid", pattern = "^[A-Za-z0-9._-]{1,249}$")]
     pub name: String,
     /// Free text (not stored by every backend).
     #[serde(default)]
