@@ -64,6 +64,7 @@ async fn schemathesis_finds_no_server_error_and_no_schema_violation() {
     .unwrap();
     let url = format!("http://{}/api/v1/openapi.json", server.local_addr());
     let report = dir.path().join("report");
+    let work = dir.path().to_path_buf();
     let out = tokio::task::spawn_blocking(move || {
         Command::new(bin)
             .arg("run")
@@ -75,6 +76,8 @@ async fn schemathesis_finds_no_server_error_and_no_schema_violation() {
             .arg("--report-dir")
             .arg(report)
             .env("SCHEMATHESIS_HOOKS", "")
+            // Its example cache goes to the temporary directory, not the source tree.
+            .current_dir(&work)
             .output()
             .expect("run schemathesis")
     })
