@@ -5,6 +5,7 @@ mod bench;
 mod consume;
 mod groups;
 mod produce;
+mod serve;
 mod topics;
 
 use std::path::PathBuf;
@@ -40,6 +41,8 @@ enum Command {
     /// Inspect and reset consumer groups.
     #[command(subcommand)]
     Groups(groups::Command),
+    /// Run the REST service (seed 004 API) over the backend.
+    Serve(serve::Args),
     /// Measure produce / consume throughput and latency.
     Bench(bench::Args),
 }
@@ -64,6 +67,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Topics(c) => topics::run(&client, c).await,
         Command::Groups(c) => groups::run(&client, c).await,
         Command::Bench(a) => bench::run(&client, a).await,
+        Command::Serve(a) => serve::run(&client, a, cli.config.as_ref()).await,
     };
     let closed = client.shutdown(Duration::from_secs(30)).await;
     result?;
@@ -76,7 +80,7 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("COURIER_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,courier::audit=info")),
         )
         .init();
     let cli = Cli::parse();

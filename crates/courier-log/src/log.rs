@@ -333,10 +333,16 @@ impl Log {
                 // Wake wait_for() callers so they observe the deletion.
                 p.end.send_modify(|_| {});
             }
-            let tomb = shared
-                .root
-                .join(TOPICS_DIR)
-                .join(format!("{DELETED_PREFIX}{name}"));
+            // A short unique tombstone: prefixing the name could exceed the file
+            // system's 255-byte name limit for long (valid, ≤ 249) topic names.
+            static TOMBS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+            let nanos = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos());
+            let tomb = shared.root.join(TOPICS_DIR).join(format!(
+                "{DELETED_PREFIX}{nanos:x}-{:x}",
+                TOMBS.fetch_add(1, Ordering::Relaxed)
+            ));
             std::fs::rename(&topic.dir, &tomb).ctx(&topic.dir)?;
             sync_dir(&shared.root.join(TOPICS_DIR))?;
             std::fs::remove_dir_all(&tomb).ctx(&tomb)?;

@@ -1,0 +1,65 @@
+//! Shared state of one running server.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use courier::{Client, Producer};
+use parking_lot::RwLock;
+
+use crate::audit::AuditLog;
+use crate::auth::TokenStore;
+use crate::config::ServerConfig;
+use crate::consume::Members;
+use crate::monitor::History;
+
+/// Everything handlers need; cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    /// The backend.
+    pub client: Client,
+    /// The one producer all requests share (its adaptive batching merges concurrent
+    /// requests into one backend write).
+    pub producer: Producer,
+    /// Known tokens.
+    pub tokens: Arc<TokenStore>,
+    /// Settings.
+    pub config: Arc<ServerConfig>,
+    /// HTTP consumer group members.
+    pub members: Arc<Members>,
+    /// Offset samples for rates.
+    pub history: Arc<History>,
+    /// Audit sink.
+    pub audit: AuditLog,
+    /// Topics seen to exist recently (saves a backend round trip per send).
+    pub topics_seen: Arc<RwLock<HashMap<String, Instant>>>,
+}
+
+/// How long a positive "topic exists" answer is trusted.
+const TOPIC_CACHE_TTL: Duration = Duration::from_secs(5);
+
+impl AppState {
+    /// 404 unless `topic` exists (cached briefly).
+    pub async fn require_topic(&self, topic: &str) -> Result<(), crate::envelope::ApiError> {
+        if let Some(at) = self.topics_seen.read().get(topic) {
+            if at.elapsed() < TOPIC_CACHE_TTL {
+                return Ok(());
+            }
+        }
+        if self.client.admin().topic_exists(topic).await? {
+            self.topics_seen
+                .write()
+                .insert(topic.to_string(), Instant::now());
+            Ok(())
+        } else {
+            Err(crate::envelope::ApiError::not_found(format!(
+                "topic {topic:?} not found (create it with POST /api/v1/mq/topics)"
+            )))
+        }
+    }
+
+    /// Forgets a topic (after delete).
+    pub fn forget_topic(&self, topic: &str) {
+        self.topics_seen.write().remove(topic);
+    }
+}
