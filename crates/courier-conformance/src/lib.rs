@@ -13,6 +13,7 @@
 //! [`Harness::unsupported`], and the skip is printed with that reason.
 
 pub mod harness;
+mod schedule;
 pub mod suite;
 
 pub use harness::{unique, Harness, UrlHarness};
@@ -35,7 +36,14 @@ macro_rules! conformance_tests {
             shutdown_finishes_in_flight_and_commits,
             member_leaving_hands_partitions_over,
             bad_input_gets_typed_errors,
-            admin_topics_and_groups
+            admin_topics_and_groups,
+            delayed_not_visible_early_then_on_time,
+            delayed_order_follows_due_times,
+            delayed_survive_restart,
+            txn_commit_visible_once,
+            txn_rollback_never_visible,
+            txn_crash_check_back_commits,
+            txn_unknown_until_limit_rolls_back
         );
     };
     (@each $harness:expr; $($name:ident),* $(,)?) => {

@@ -25,6 +25,8 @@ mod client;
 mod connect;
 mod consumer;
 mod producer;
+mod schedule;
+mod txn;
 mod validate;
 
 pub use client::{Admin, Client};
@@ -37,4 +39,6 @@ pub use courier_core::{
     TopicInfo, TopicPartition, TopicSpec,
 };
 pub use producer::{Producer, SendHandle};
+pub use schedule::{ScheduleOptions, HEADER_DELAY_UNTIL, SCHEDULE_PREFIX};
+pub use txn::{Half, HalfMessage, Transactions, TxnChecker, TxnDecision};
 pub use validate::validate_topic;
