@@ -127,6 +127,15 @@ impl Client {
         self.inner.schedule.ready(timeout).await
     }
 
+    /// Delayed messages and halves this client's scheduler member holds in its index
+    /// (0 before it starts).
+    pub fn scheduler_pending(&self) -> usize {
+        self.inner
+            .schedule
+            .pending
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Decides halves by id and registers the check-back ([`crate::TxnChecker`]).
     pub fn transactions(&self) -> Transactions {
         Transactions {

@@ -94,6 +94,9 @@ impl Engine {
         let reader = tokio::spawn(read(sub, tx, close_rx));
         self.greet().await;
         loop {
+            self.sched
+                .pending
+                .store(self.index.len(), std::sync::atomic::Ordering::Relaxed);
             let next = self.index.first_key_value().map(|((due, _), _)| *due);
             let sleep = tokio::time::sleep_until(instant_of(next.unwrap_or(i64::MAX)));
             tokio::select! {
@@ -113,6 +116,9 @@ impl Engine {
         // Unsettled entries are dropped (nacked) before the subscription closes and
         // commits, so they come back to the next member.
         self.index.clear();
+        self.sched
+            .pending
+            .store(0, std::sync::atomic::Ordering::Relaxed);
         let _ = close_tx.send(());
         let _ = reader.await;
         tracing::debug!(log = %self.log, "scheduler member stopped");

@@ -88,6 +88,8 @@ pub(crate) struct Scheduler {
     tracker: TaskTracker,
     commit_interval: Duration,
     session_timeout: Duration,
+    /// Entries in this member's index (delayed messages and halves).
+    pub(crate) pending: std::sync::atomic::AtomicUsize,
 }
 
 impl Scheduler {
@@ -108,6 +110,7 @@ impl Scheduler {
             // (same id) after a crash.
             commit_interval: Duration::from_millis(50),
             session_timeout,
+            pending: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 
