@@ -14,6 +14,7 @@
 
 pub mod capture;
 pub mod harness;
+mod schedule;
 pub mod suite;
 
 pub use harness::{unique, Harness, UrlHarness};
@@ -41,7 +42,14 @@ macro_rules! conformance_tests {
             exhausted_message_is_dead_lettered_and_redriven,
             duplicate_id_is_handled_once,
             trace_context_reaches_handler_span,
-            large_values_are_compressed_transparently
+            large_values_are_compressed_transparently,
+            delayed_not_visible_early_then_on_time,
+            delayed_order_follows_due_times,
+            delayed_survive_restart,
+            txn_commit_visible_once,
+            txn_rollback_never_visible,
+            txn_crash_check_back_commits,
+            txn_unknown_until_limit_rolls_back
         );
     };
     (@each $harness:expr; $($name:ident),* $(,)?) => {

@@ -59,13 +59,14 @@ impl Got {
         }
     }
 
-    fn text(&self) -> String {
+    /// The value as (lossy) text.
+    pub fn text(&self) -> String {
         String::from_utf8_lossy(&self.value).into_owned()
     }
 }
 
 /// Starts a consumer in `group` that forwards every handled delivery.
-async fn collect(
+pub(crate) async fn collect(
     client: &Client,
     group: &str,
     topics: &[&str],
@@ -89,7 +90,11 @@ async fn collect(
 }
 
 /// Receives exactly `n` deliveries within the harness's patience.
-async fn recv_n(h: &dyn Harness, rx: &mut mpsc::UnboundedReceiver<Got>, n: usize) -> Vec<Got> {
+pub(crate) async fn recv_n(
+    h: &dyn Harness,
+    rx: &mut mpsc::UnboundedReceiver<Got>,
+    n: usize,
+) -> Vec<Got> {
     let mut out = Vec::with_capacity(n);
     let deadline = tokio::time::Instant::now() + h.patience();
     while out.len() < n {
@@ -110,13 +115,13 @@ async fn recv_n(h: &dyn Harness, rx: &mut mpsc::UnboundedReceiver<Got>, n: usize
 }
 
 /// Asserts nothing more arrives within `quiet`.
-async fn expect_silence(rx: &mut mpsc::UnboundedReceiver<Got>, quiet: Duration) {
+pub(crate) async fn expect_silence(rx: &mut mpsc::UnboundedReceiver<Got>, quiet: Duration) {
     if let Ok(Some(g)) = tokio::time::timeout(quiet, rx.recv()).await {
         panic!("unexpected delivery: {:?} {:?}", g.text(), g);
     }
 }
 
-async fn topic(client: &Client, prefix: &str, partitions: u32) -> String {
+pub(crate) async fn topic(client: &Client, prefix: &str, partitions: u32) -> String {
     let name = unique(prefix);
     client
         .admin()
@@ -126,7 +131,7 @@ async fn topic(client: &Client, prefix: &str, partitions: u32) -> String {
     name
 }
 
-async fn ready(h: &dyn Harness, c: &ConsumerHandle, partitions: usize) {
+pub(crate) async fn ready(h: &dyn Harness, c: &ConsumerHandle, partitions: usize) {
     c.wait_assigned(partitions, h.patience())
         .await
         .unwrap_or_else(|e| {
@@ -137,14 +142,14 @@ async fn ready(h: &dyn Harness, c: &ConsumerHandle, partitions: usize) {
         });
 }
 
-async fn shutdown(client: Client) {
+pub(crate) async fn shutdown(client: Client) {
     client
         .shutdown(Duration::from_secs(30))
         .await
         .expect("shutdown");
 }
 
-fn boxed<'a>(f: impl Future<Output = ()> + Send + 'a) -> BoxFuture<'a, ()> {
+pub(crate) fn boxed<'a>(f: impl Future<Output = ()> + Send + 'a) -> BoxFuture<'a, ()> {
     Box::pin(f)
 }
 
@@ -1100,3 +1105,8 @@ pub fn large_values_are_compressed_transparently(h: &dyn Harness) -> BoxFuture<'
         shutdown(client).await;
     })
 }
+pub use crate::schedule::{
+    delayed_not_visible_early_then_on_time, delayed_order_follows_due_times,
+    delayed_survive_restart, txn_commit_visible_once, txn_crash_check_back_commits,
+    txn_rollback_never_visible, txn_unknown_until_limit_rolls_back,
+};

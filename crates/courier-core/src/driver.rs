@@ -339,6 +339,16 @@ pub trait Driver: Send + Sync + 'static {
     /// Members and per-partition positions of a group.
     async fn describe_group(&self, group: &str) -> Result<GroupInfo>;
 
+    /// The record stored at `offset` of `tp` (`Ok(None)` when it is gone), on backends
+    /// that read by position (the embedded logs). Lets Courier's scheduler keep only an
+    /// index entry per pending delayed message instead of its payload.
+    async fn read_record(&self, _tp: &TopicPartition, _offset: u64) -> Result<Option<Record>> {
+        Err(Error::Unsupported {
+            feature: "read by position",
+            backend: self.name(),
+        })
+    }
+
     /// Moves a group's committed position on `topic` (all partitions).
     async fn reset_offsets(&self, _group: &str, _topic: &str, _to: ResetTo) -> Result<()> {
         Err(Error::Unsupported {

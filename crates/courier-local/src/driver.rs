@@ -218,6 +218,26 @@ impl<S: LogStore> Driver for LogDriver<S> {
         Ok(self.shared.store.list_topics())
     }
 
+    async fn read_record(&self, tp: &TopicPartition, offset: u64) -> Result<Option<Record>> {
+        let Some(t) = self.shared.store.topic(&tp.topic) else {
+            return Ok(None);
+        };
+        let Some(log) = t.partitions.get(tp.partition as usize) else {
+            return Ok(None);
+        };
+        let found = log.read(offset, 1).await?.into_iter().next();
+        // `read` starts at the first available offset when `offset` was deleted.
+        Ok(found.filter(|r| r.offset == offset).map(|r| Record {
+            topic: tp.topic.clone(),
+            partition: Some(tp.partition),
+            id: r.id,
+            key: r.key,
+            value: r.value,
+            headers: r.headers,
+            timestamp: r.timestamp,
+        }))
+    }
+
     async fn describe_topic(&self, name: &str) -> Result<TopicInfo> {
         let t = self
             .shared

@@ -351,9 +351,16 @@ impl<S: LogStore> LocalSubscription<S> {
                     continue; // nacked meanwhile: re-read from the rewound position
                 }
                 c.next_fetch = next;
-                // Retention may have deleted what the group had not read yet.
-                if records[0].offset > c.settled_upto {
-                    c.settled_upto = records[0].offset;
+                // Retention may have deleted what the group had not read yet: the
+                // gap [from, first) is settled. Deliveries before `from` may still be
+                // in flight, so only jump the settled prefix when it reached `from`.
+                let first = records[0].offset;
+                if first > from {
+                    if c.settled_upto >= from {
+                        c.settled_upto = c.settled_upto.max(first);
+                    } else {
+                        c.acked_ahead.extend(from..first);
+                    }
                 }
                 records
                     .iter()

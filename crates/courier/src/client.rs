@@ -18,6 +18,8 @@ use crate::consumer::{ConsumerBuilder, Statuses};
 use crate::dead_letters::DeadLetters;
 use crate::producer::Producer;
 use crate::stats::{Registry, StatsSnapshot};
+use crate::schedule::{ScheduleOptions, Scheduler};
+use crate::txn::Transactions;
 use crate::validate::{validate_group, validate_topic};
 
 struct Inner {
@@ -28,6 +30,9 @@ struct Inner {
     producers: Mutex<Vec<Producer>>,
     stats: Arc<Registry>,
     statuses: Statuses,
+    schedule: Arc<Scheduler>,
+    /// Stops this client's scheduler member when the last clone is dropped.
+    _schedule_guard: tokio_util::sync::DropGuard,
 }
 
 /// Entry point: one backend connection, chosen by URL. Cheap to clone.
@@ -49,21 +54,98 @@ impl Client {
         config.validate()?;
         let driver = connect_driver(&config).await?;
         tracing::info!(backend = driver.name(), url = %courier_core::config::redact_url(config.url_or_default()), "connected");
-        Ok(Self::from_driver(driver, config))
+        let client = Self::from_driver(driver, config);
+        client.resume_local_schedule().await?;
+        Ok(client)
+    }
+
+    /// On the in-process backends, a restarted application resumes pending delayed
+    /// messages and halves of the default scope without being asked (a metadata
+    /// lookup, no I/O when nothing was ever scheduled). Network backends start the
+    /// member on first use or [`Client::start_scheduler`], so plain clients never join
+    /// the scheduler group.
+    async fn resume_local_schedule(&self) -> Result<()> {
+        if !matches!(self.backend(), "file" | "memory") {
+            return Ok(());
+        }
+        let log = self.inner.schedule.options().log_topic();
+        if self.inner.driver.partitions(&log).await?.is_some() {
+            self.start_scheduler().await?;
+        }
+        Ok(())
     }
 
     /// Wraps an already built driver (custom backends, tests).
     pub fn from_driver(driver: Arc<dyn Driver>, config: Config) -> Client {
+        let shutdown = CancellationToken::new();
+        let consumers = TaskTracker::new();
+        let schedule_stop = shutdown.child_token();
+        let schedule = Arc::new(Scheduler::new(
+            driver.clone(),
+            schedule_stop.clone(),
+            consumers.clone(),
+            Duration::from_millis(config.consumer.session_timeout_ms),
+        ));
         Client {
             inner: Arc::new(Inner {
                 driver,
                 config,
-                shutdown: CancellationToken::new(),
-                consumers: TaskTracker::new(),
+                shutdown,
+                consumers,
                 producers: Mutex::new(Vec::new()),
                 stats: Arc::new(Registry::new()),
                 statuses: Statuses::default(),
+                schedule,
+                _schedule_guard: schedule_stop.drop_guard(),
             }),
+        }
+    }
+
+    /// Sets this client's scheduler settings (scope, check-back timing, limits).
+    /// Fails once the member has started.
+    pub fn set_schedule_options(&self, opts: ScheduleOptions) -> Result<()> {
+        self.inner.schedule.set_options(opts)
+    }
+
+    /// The scheduler settings in force.
+    pub fn schedule_options(&self) -> ScheduleOptions {
+        self.inner.schedule.options()
+    }
+
+    /// Starts this client's scheduler member, which moves due delayed messages and
+    /// settles halves of its scope. Idempotent. Happens by itself on the first delayed
+    /// send, `prepare` or decision, and at connect on `file://`/`memory://` when the
+    /// scope's schedule log exists; a process that only needs pending messages moved
+    /// (e.g. after a restart on a network backend) calls this.
+    pub async fn start_scheduler(&self) -> Result<()> {
+        self.inner.schedule.ensure_started().await.map(|_| ())
+    }
+
+    /// True once this client's scheduler member runs.
+    pub fn scheduler_started(&self) -> bool {
+        self.inner.schedule.is_started()
+    }
+
+    /// Starts the member if needed and waits until it owns every partition of the
+    /// schedule log, so due times are honoured from now on (meaningful with one member
+    /// per scope: tests, single-instance services). [`Error::Timeout`] otherwise.
+    pub async fn scheduler_ready(&self, timeout: Duration) -> Result<()> {
+        self.inner.schedule.ready(timeout).await
+    }
+
+    /// Delayed messages and halves this client's scheduler member holds in its index
+    /// (0 before it starts).
+    pub fn scheduler_pending(&self) -> usize {
+        self.inner
+            .schedule
+            .pending
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Decides halves by id and registers the check-back ([`crate::TxnChecker`]).
+    pub fn transactions(&self) -> Transactions {
+        Transactions {
+            sched: self.inner.schedule.clone(),
         }
     }
 
@@ -94,6 +176,7 @@ impl Client {
             self.inner.config.max_message_size,
             self.inner.config.producer.max_buffered,
             self.inner.stats.clone(),
+            Some(self.inner.schedule.clone()),
         );
         if self.inner.shutdown.is_cancelled() {
             // Refuse sends on a closed client without blocking the caller.

@@ -31,6 +31,8 @@ pub mod pipeline;
 mod producer;
 pub mod stats;
 pub mod trace;
+mod schedule;
+mod txn;
 mod validate;
 
 pub use alerts::{Alert, AlertEvaluator, AlertRules, AlertState};
@@ -51,4 +53,6 @@ pub use pipeline::{Backoff, DedupStore, MemoryDedupStore, Permanent};
 pub use producer::{Producer, SendHandle};
 pub use stats::{install_prometheus_recorder, StatsSnapshot, TopicStats};
 pub use trace::TraceContext;
+pub use schedule::{ScheduleOptions, HEADER_DELAY_UNTIL, SCHEDULE_PREFIX};
+pub use txn::{Half, HalfMessage, Transactions, TxnChecker, TxnDecision};
 pub use validate::validate_topic;

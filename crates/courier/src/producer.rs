@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
-use courier_core::{Driver, Error, Message, Receipt, Record, Result};
+use courier_core::{now_millis, Driver, Error, Message, Receipt, Record, Result};
 use parking_lot::Mutex;
 use tokio::sync::{oneshot, Notify, Semaphore};
 use tokio::task::JoinHandle;
@@ -21,6 +21,8 @@ use tokio::task::JoinHandle;
 use crate::compress::{compress_if_large, DEFAULT_THRESHOLD};
 use crate::stats::Registry;
 use crate::trace::inject_on_send;
+use crate::schedule::Scheduler;
+use crate::txn::{Half, Transactions};
 use crate::validate::validate_topic;
 
 /// Most records handed to the driver in one publish call.
@@ -52,6 +54,7 @@ struct Inner {
     /// Values above this are lz4-compressed; `None` when the backend compresses
     /// natively.
     compress_over: Option<usize>,
+    schedule: Option<Arc<Scheduler>>,
 }
 
 /// Sends messages. Cheap to clone; clones share one buffer and one background
@@ -67,6 +70,7 @@ impl Producer {
         max_message_size: usize,
         max_buffered: usize,
         stats: Arc<Registry>,
+        schedule: Option<Arc<Scheduler>>,
     ) -> Self {
         let compress_over =
             (!driver.capabilities().native_compression).then_some(DEFAULT_THRESHOLD);
@@ -83,6 +87,7 @@ impl Producer {
             flusher: Mutex::new(None),
             stats,
             compress_over,
+            schedule,
         });
         let task = tokio::spawn(run_flusher(inner.clone()));
         *inner.flusher.lock() = Some(task);
@@ -98,7 +103,7 @@ impl Producer {
                 max: self.inner.max_message_size,
             });
         }
-        if msg.deliver_at.is_some() {
+        if is_delayed(msg) && self.inner.schedule.is_none() {
             // Never accept a delayed send that would not be honoured.
             return Err(Error::Unsupported {
                 feature: "delayed delivery",
@@ -109,12 +114,59 @@ impl Producer {
     }
 
     /// The producer pipeline after validation: trace context, then compression.
-    fn prepare(&self, mut msg: Message) -> Record {
+    fn stamp(&self, mut msg: Message) -> Record {
         inject_on_send(&mut msg.headers);
         if let Some(threshold) = self.inner.compress_over {
             compress_if_large(&mut msg.value, &mut msg.headers, threshold);
         }
         Record::from_message(msg)
+    }
+
+    /// Stores `msg` as a half message: durable but invisible until
+    /// [`Half::commit`]; [`Half::rollback`] discards it. Undecided past the scheduler's
+    /// `check_after`, it is checked back (see [`crate::TxnChecker`]). A `deliver_at` on
+    /// `msg` is ignored: a committed half is delivered at once.
+    pub async fn prepare(&self, msg: Message) -> Result<Half> {
+        self.check(&Message {
+            deliver_at: None,
+            ..msg.clone()
+        })?;
+        let Some(sched) = self.inner.schedule.clone() else {
+            return Err(Error::Unsupported {
+                feature: "transactional messages",
+                backend: self.inner.driver.name(),
+            });
+        };
+        let record = self.stamp(msg);
+        let id = record.id.clone();
+        let half = sched.half(record).await?;
+        let receipt = self.enqueue(half).await?;
+        Ok(Half {
+            id,
+            receipt,
+            txns: Transactions { sched },
+        })
+    }
+
+    /// A delayed send: stored in the schedule log, moved to its topic when due.
+    fn send_delayed(&self, msg: Message, due: i64) -> SendHandle {
+        let Some(sched) = self.inner.schedule.clone() else {
+            return SendHandle::ready(Err(Error::Unsupported {
+                feature: "delayed delivery",
+                backend: self.inner.driver.name(),
+            }));
+        };
+        let record = self.stamp(msg);
+        let this = self.clone();
+        let (tx, rx) = oneshot::channel();
+        tokio::spawn(async move {
+            let res = match sched.delayed(record, due).await {
+                Ok(r) => this.enqueue(r).await,
+                Err(e) => Err(e),
+            };
+            let _ = tx.send(res);
+        });
+        SendHandle::pending(rx)
     }
 
     /// Queues `msg` and returns at once. Await the handle for the receipt (the seeds'
@@ -124,7 +176,14 @@ impl Producer {
         if let Err(e) = self.check(&msg) {
             return SendHandle::ready(Err(e));
         }
-        let record = self.prepare(msg);
+        if let Some(due) = msg.deliver_at.filter(|_| is_delayed(&msg)) {
+            return self.send_delayed(msg, due);
+        }
+        self.enqueue(self.stamp(msg))
+    }
+
+    /// Queues a checked record.
+    fn enqueue(&self, record: Record) -> SendHandle {
         let (tx, rx) = oneshot::channel();
         let mut q = self.inner.queue.lock();
         if q.closed {
@@ -149,9 +208,14 @@ impl Producer {
         for m in &msgs {
             self.check(m)?;
         }
+        if msgs.iter().any(is_delayed) {
+            // Delayed messages go to the schedule log one by one.
+            let handles: Vec<SendHandle> = msgs.into_iter().map(|m| self.send(m)).collect();
+            return collect_batch(handles).await;
+        }
         let total = msgs.len();
         let mut rxs = Vec::with_capacity(total);
-        let records: Vec<Record> = msgs.into_iter().map(|m| self.prepare(m)).collect();
+        let records: Vec<Record> = msgs.into_iter().map(|m| self.stamp(m)).collect();
         let now = Instant::now();
         {
             let mut q = self.inner.queue.lock();
@@ -218,6 +282,36 @@ impl Producer {
     /// True after [`Producer::close`].
     pub fn is_closed(&self) -> bool {
         self.inner.closed.load(Ordering::Acquire)
+    }
+}
+
+/// True when `msg` asks for a due time still in the future (a past one sends now).
+fn is_delayed(msg: &Message) -> bool {
+    msg.deliver_at.is_some_and(|at| at > now_millis())
+}
+
+/// Awaits every handle; fails like `send_batch` when any failed.
+async fn collect_batch(handles: Vec<SendHandle>) -> Result<Vec<Receipt>> {
+    let total = handles.len();
+    let mut receipts = Vec::with_capacity(total);
+    let mut failed = 0;
+    let mut first_err = None;
+    for h in handles {
+        match h.await {
+            Ok(r) => receipts.push(r),
+            Err(e) => {
+                failed += 1;
+                first_err.get_or_insert(e);
+            }
+        }
+    }
+    match first_err {
+        None => Ok(receipts),
+        Some(e) => Err(Error::BatchSendFailed {
+            failed,
+            total,
+            source: Box::new(e),
+        }),
     }
 }
 

@@ -1,0 +1,412 @@
+//! The scheduler member's loop: ingest schedule-log deliveries into an index ordered
+//! by due time, move what is due, check back halves.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use courier_core::{
+    now_millis, AckHandle, Delivery, Driver, Error, Record, Subscription, TopicPartition,
+};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::wire::{self, Kind};
+use super::{ScheduleOptions, Scheduler};
+use crate::txn::{HalfMessage, TxnDecision};
+
+/// Most entries moved per publish.
+const MOVE_BATCH: usize = 4096;
+/// Wait before retrying a failed move.
+const RETRY_AFTER_MS: i64 = 1000;
+/// Longest a check-back may take before it counts as Unknown.
+const CHECK_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Where an entry's message is.
+enum Body {
+    /// Still in the schedule log, read when due (log backends: index entry only).
+    At(u32, u64),
+    /// In memory, already addressed to its target.
+    Target(Record),
+}
+
+enum What {
+    Delay,
+    Half { checks: u32 },
+}
+
+struct Entry {
+    id: String,
+    what: What,
+    body: Body,
+    ack: AckHandle,
+}
+
+pub(crate) struct Engine {
+    sched: Arc<Scheduler>,
+    driver: Arc<dyn Driver>,
+    log: String,
+    opts: ScheduleOptions,
+    by_position: bool,
+    /// `(due ms, arrival)` → entry; arrival keeps equal due times in log order.
+    index: BTreeMap<(i64, u64), Entry>,
+    halves: HashMap<String, (i64, u64)>,
+    seq: u64,
+    hello: String,
+    greeted: HashSet<u32>,
+    partitions: u32,
+    ready: watch::Sender<bool>,
+}
+
+impl Engine {
+    pub(crate) async fn new(
+        sched: Arc<Scheduler>,
+        log: String,
+        partitions: u32,
+        opts: ScheduleOptions,
+        ready: watch::Sender<bool>,
+    ) -> Self {
+        let driver = sched.driver.clone();
+        let by_position = !matches!(
+            driver.read_record(&TopicPartition::new(&log, 0), 0).await,
+            Err(Error::Unsupported { .. })
+        );
+        Self {
+            sched,
+            driver,
+            log,
+            opts,
+            by_position,
+            index: BTreeMap::new(),
+            halves: HashMap::new(),
+            seq: 0,
+            hello: format!("__hello.{}", ulid::Ulid::new()),
+            greeted: HashSet::new(),
+            partitions,
+            ready,
+        }
+    }
+
+    pub(crate) async fn run(mut self, sub: Box<dyn Subscription>, stop: CancellationToken) {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let (close_tx, close_rx) = oneshot::channel();
+        let reader = tokio::spawn(read(sub, tx, close_rx));
+        self.greet().await;
+        loop {
+            self.sched
+                .pending
+                .store(self.index.len(), std::sync::atomic::Ordering::Relaxed);
+            let next = self.index.first_key_value().map(|((due, _), _)| *due);
+            let sleep = tokio::time::sleep_until(instant_of(next.unwrap_or(i64::MAX)));
+            tokio::select! {
+                biased;
+                _ = stop.cancelled() => break,
+                _ = sleep, if next.is_some() => self.fire().await,
+                batch = rx.recv() => match batch {
+                    Some(batch) => {
+                        for d in batch {
+                            self.ingest(d);
+                        }
+                    }
+                    None => break,
+                },
+            }
+        }
+        // Unsettled entries are dropped (nacked) before the subscription closes and
+        // commits, so they come back to the next member.
+        self.index.clear();
+        self.sched
+            .pending
+            .store(0, std::sync::atomic::Ordering::Relaxed);
+        let _ = close_tx.send(());
+        let _ = reader.await;
+        tracing::debug!(log = %self.log, "scheduler member stopped");
+    }
+
+    /// One marker per partition, so this member learns when it owns them all.
+    async fn greet(&self) {
+        let hellos = (0..self.partitions)
+            .map(|p| {
+                let mut r = wire::op(&format!("{}.{p}", self.hello), false, &self.log, 1);
+                r.partition = Some(p);
+                r
+            })
+            .collect();
+        if let Err(e) = self.driver.publish(hellos).await {
+            tracing::warn!(error = %e, "scheduler: could not write readiness markers");
+        }
+    }
+
+    fn insert(&mut self, due: i64, e: Entry) -> (i64, u64) {
+        self.seq += 1;
+        let key = (due, self.seq);
+        if matches!(e.what, What::Half { .. }) {
+            if let Some(old) = self.halves.insert(e.id.clone(), key) {
+                // Delivered again (rebalance or rewind): the newer copy wins.
+                self.index.remove(&old);
+            }
+        }
+        self.index.insert(key, e);
+        key
+    }
+
+    fn ingest(&mut self, mut d: Delivery) {
+        let Some(ack) = d.take_ack() else { return };
+        if ack.is_stale() {
+            ack.discard();
+            return;
+        }
+        match wire::kind(&d.headers) {
+            Kind::Delay { due } => {
+                let body = if self.by_position {
+                    Body::At(d.partition, d.offset)
+                } else {
+                    match target_of(d) {
+                        Some(r) => Body::Target(r),
+                        None => return ack.ack(),
+                    }
+                };
+                self.insert_delay(due, body, ack);
+            }
+            Kind::Half { check_at } => {
+                let id = d.id.clone();
+                match target_of(d) {
+                    Some(r) => {
+                        self.insert(
+                            check_at,
+                            Entry {
+                                id,
+                                what: What::Half { checks: 0 },
+                                body: Body::Target(r),
+                                ack,
+                            },
+                        );
+                    }
+                    None => ack.ack(),
+                }
+            }
+            Kind::Op { id, commit } => {
+                if let Some(p) = id
+                    .strip_prefix(self.hello.as_str())
+                    .and_then(|rest| rest.strip_prefix('.'))
+                    .and_then(|p| p.parse::<u32>().ok())
+                {
+                    self.greeted.insert(p);
+                    if self.greeted.len() as u32 >= self.partitions {
+                        self.ready.send_replace(true);
+                    }
+                } else if let Some(key) = self.halves.remove(&id) {
+                    if let Some(mut e) = self.index.remove(&key) {
+                        if commit {
+                            // Committed: moved like a delayed message due now.
+                            e.what = What::Delay;
+                            self.seq += 1;
+                            self.index.insert((i64::MIN, self.seq), e);
+                        } else {
+                            tracing::debug!(id = %id, "half rolled back");
+                            e.ack.ack();
+                        }
+                    }
+                } else {
+                    tracing::debug!(id = %id, commit, "decision for an unknown or decided half");
+                }
+                // Safe to settle at once: the half precedes its decision in the
+                // partition, so the decision is not committed before the half is.
+                ack.ack();
+            }
+            Kind::Unknown => {
+                tracing::warn!(id = %d.id, "scheduler: skipping a record it does not understand");
+                ack.ack();
+            }
+        }
+    }
+
+    fn insert_delay(&mut self, due: i64, body: Body, ack: AckHandle) {
+        self.insert(
+            due,
+            Entry {
+                id: String::new(),
+                what: What::Delay,
+                body,
+                ack,
+            },
+        );
+    }
+
+    /// Moves (or checks back) everything due now, in due order.
+    async fn fire(&mut self) {
+        let now = now_millis();
+        let mut due = Vec::new();
+        while due.len() < MOVE_BATCH {
+            match self.index.first_entry() {
+                Some(e) if e.key().0 <= now => due.push(e.remove()),
+                _ => break,
+            }
+        }
+        let mut moves: Vec<(AckHandle, Record)> = Vec::with_capacity(due.len());
+        for e in due {
+            if e.ack.is_stale() {
+                // The partition moved to another member, which has it again.
+                if matches!(e.what, What::Half { .. }) {
+                    self.halves.remove(&e.id);
+                }
+                e.ack.discard();
+                continue;
+            }
+            match e.what {
+                What::Delay => match self.resolve(e.body).await {
+                    Ok(Some(r)) => moves.push((e.ack, r)),
+                    Ok(None) => e.ack.ack(),
+                    Err(body) => {
+                        self.insert_delay(now + RETRY_AFTER_MS, body, e.ack);
+                    }
+                },
+                What::Half { checks } => {
+                    self.halves.remove(&e.id);
+                    let Body::Target(r) = e.body else {
+                        e.ack.ack();
+                        continue;
+                    };
+                    match self.check(&e.id, &r, checks).await {
+                        TxnDecision::Commit => moves.push((e.ack, r)),
+                        TxnDecision::Rollback => {
+                            tracing::info!(id = %e.id, "half rolled back by check-back");
+                            e.ack.ack();
+                        }
+                        TxnDecision::Unknown if checks + 1 >= self.opts.max_checks => {
+                            tracing::warn!(
+                                id = %e.id,
+                                topic = %r.topic,
+                                checks = checks + 1,
+                                "half still unknown after the last check-back: rolled back"
+                            );
+                            e.ack.ack();
+                        }
+                        TxnDecision::Unknown => {
+                            let at = now + self.opts.check_interval.as_millis() as i64;
+                            self.insert(
+                                at,
+                                Entry {
+                                    id: e.id,
+                                    what: What::Half { checks: checks + 1 },
+                                    body: Body::Target(r),
+                                    ack: e.ack,
+                                },
+                            );
+                        }
+                    }
+                }
+            }
+        }
+        if moves.is_empty() {
+            return;
+        }
+        let (acks, records): (Vec<_>, Vec<_>) = moves.into_iter().unzip();
+        match self.driver.publish(records.clone()).await {
+            Ok(_) => acks.into_iter().for_each(AckHandle::ack),
+            Err(e) => {
+                tracing::warn!(error = %e, count = records.len(), "scheduler: moving due messages failed; retrying");
+                for (ack, r) in acks.into_iter().zip(records) {
+                    self.insert_delay(now + RETRY_AFTER_MS, Body::Target(r), ack);
+                }
+            }
+        }
+    }
+
+    /// The entry's message addressed to its target; `Ok(None)` when it is gone (logged),
+    /// `Err(body)` to retry later.
+    async fn resolve(&self, body: Body) -> std::result::Result<Option<Record>, Body> {
+        match body {
+            Body::Target(r) => Ok(Some(r)),
+            Body::At(p, offset) => {
+                let tp = TopicPartition::new(&self.log, p);
+                match self.driver.read_record(&tp, offset).await {
+                    Ok(Some(r)) => Ok(wire::unwrap(r)),
+                    Ok(None) => {
+                        tracing::error!(%tp, offset, "scheduler: delayed message no longer in the schedule log");
+                        Ok(None)
+                    }
+                    Err(e) => {
+                        tracing::warn!(%tp, offset, error = %e, "scheduler: reading a due message failed; retrying");
+                        Err(Body::At(p, offset))
+                    }
+                }
+            }
+        }
+    }
+
+    async fn check(&self, id: &str, r: &Record, checks: u32) -> TxnDecision {
+        let checker = self.sched.checker.read().clone();
+        let Some(checker) = checker else {
+            tracing::debug!(id, "no transaction checker registered: unknown");
+            return TxnDecision::Unknown;
+        };
+        let half = HalfMessage {
+            id: id.to_string(),
+            topic: r.topic.clone(),
+            key: r.key.clone(),
+            value: r.value.clone(),
+            headers: r.headers.clone(),
+            timestamp: r.timestamp,
+            checks,
+        };
+        match tokio::time::timeout(CHECK_TIMEOUT, checker.check(&half)).await {
+            Ok(d) => d,
+            Err(_) => {
+                tracing::warn!(id, "transaction check-back timed out: unknown");
+                TxnDecision::Unknown
+            }
+        }
+    }
+}
+
+/// The delivery as a record addressed to its target.
+fn target_of(d: Delivery) -> Option<Record> {
+    wire::unwrap(Record {
+        topic: d.topic.to_string(),
+        partition: Some(d.partition),
+        id: d.id,
+        key: d.key,
+        value: d.value,
+        headers: d.headers,
+        timestamp: d.timestamp,
+    })
+}
+
+/// The tokio instant of epoch time `ms` (now when past).
+fn instant_of(ms: i64) -> Instant {
+    let wait = ms.saturating_sub(now_millis());
+    let wait = Duration::from_millis(wait.clamp(0, 365 * 24 * 3600 * 1000) as u64);
+    Instant::now() + wait
+}
+
+/// Pulls deliveries off the subscription until told to close, then closes it (which
+/// commits what the engine acknowledged).
+async fn read(
+    mut sub: Box<dyn Subscription>,
+    tx: mpsc::UnboundedSender<Vec<Delivery>>,
+    mut close: oneshot::Receiver<()>,
+) {
+    loop {
+        tokio::select! {
+            _ = &mut close => break,
+            batch = sub.next_batch(1024) => match batch {
+                Ok(Some(b)) => {
+                    if tx.send(b).is_err() {
+                        break;
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::warn!(error = %e, "scheduler: reading the schedule log failed");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            },
+        }
+    }
+    drop(tx);
+    if let Err(e) = sub.close().await {
+        tracing::warn!(error = %e, "scheduler: closing the schedule log subscription failed");
+    }
+}
