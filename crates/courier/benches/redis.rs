@@ -200,7 +200,7 @@ fn redis_benchmark(host: &str, port: u16, n: usize) -> Option<(f64, String)> {
         rate,
         format!(
             "redis-benchmark {}",
-            args[..10].join(" ") + " XADD <key> * v <100 bytes>"
+            args[..9].join(" ") + " XADD <key> * v <100 bytes>"
         ),
     ))
 }
