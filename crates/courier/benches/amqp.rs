@@ -138,7 +138,7 @@ async fn bare_consume(conn: &Connection, topic: &str, n: usize) -> Duration {
             let mut k = 0u32;
             while let Some(Ok(d)) = c.next().await {
                 k += 1;
-                if k % 500 == 0 {
+                if k.is_multiple_of(500) {
                     d.acker
                         .ack(BasicAckOptions { multiple: true })
                         .await
