@@ -69,7 +69,9 @@ impl Engine {
     ) -> Self {
         let driver = sched.driver.clone();
         let by_position = !matches!(
-            driver.read_record(&TopicPartition::new(&log, 0), 0).await,
+            driver
+                .read_records(&TopicPartition::new(&log, 0), 0, 1)
+                .await,
             Err(Error::Unsupported { .. })
         );
         Self {
@@ -245,6 +247,7 @@ impl Engine {
             }
         }
         let mut moves: Vec<(AckHandle, Record)> = Vec::with_capacity(due.len());
+        let (mut found, failed) = self.read_positions(&due).await;
         for e in due {
             if e.ack.is_stale() {
                 // The partition moved to another member, which has it again.
@@ -255,12 +258,25 @@ impl Engine {
                 continue;
             }
             match e.what {
-                What::Delay => match self.resolve(e.body).await {
-                    Ok(Some(r)) => moves.push((e.ack, r)),
-                    Ok(None) => e.ack.ack(),
-                    Err(body) => {
-                        self.insert_delay(now + RETRY_AFTER_MS, body, e.ack);
-                    }
+                What::Delay => match e.body {
+                    Body::Target(r) => moves.push((e.ack, r)),
+                    Body::At(p, offset) => match found.remove(&(p, offset)) {
+                        Some(r) => match wire::unwrap(r) {
+                            Some(r) => moves.push((e.ack, r)),
+                            None => e.ack.ack(),
+                        },
+                        None if failed.contains(&p) => {
+                            self.insert_delay(now + RETRY_AFTER_MS, Body::At(p, offset), e.ack);
+                        }
+                        None => {
+                            tracing::error!(
+                                partition = p,
+                                offset,
+                                "scheduler: delayed message no longer in the schedule log"
+                            );
+                            e.ack.ack();
+                        }
+                    },
                 },
                 What::Half { checks } => {
                     self.halves.remove(&e.id);
@@ -314,26 +330,47 @@ impl Engine {
         }
     }
 
-    /// The entry's message addressed to its target; `Ok(None)` when it is gone (logged),
-    /// `Err(body)` to retry later.
-    async fn resolve(&self, body: Body) -> std::result::Result<Option<Record>, Body> {
-        match body {
-            Body::Target(r) => Ok(Some(r)),
-            Body::At(p, offset) => {
-                let tp = TopicPartition::new(&self.log, p);
-                match self.driver.read_record(&tp, offset).await {
-                    Ok(Some(r)) => Ok(wire::unwrap(r)),
-                    Ok(None) => {
-                        tracing::error!(%tp, offset, "scheduler: delayed message no longer in the schedule log");
-                        Ok(None)
+    /// Reads the due entries stored by position, one range read per run of offsets
+    /// per partition. Returns what was found and the partitions whose read failed
+    /// (their entries are retried).
+    async fn read_positions(&self, due: &[Entry]) -> (HashMap<(u32, u64), Record>, HashSet<u32>) {
+        let mut wanted: BTreeMap<u32, Vec<u64>> = BTreeMap::new();
+        for e in due {
+            if let (What::Delay, Body::At(p, o)) = (&e.what, &e.body) {
+                wanted.entry(*p).or_default().push(*o);
+            }
+        }
+        let mut found = HashMap::new();
+        let mut failed = HashSet::new();
+        for (p, mut offsets) in wanted {
+            offsets.sort_unstable();
+            let tp = TopicPartition::new(&self.log, p);
+            let last = offsets[offsets.len() - 1];
+            let mut i = 0;
+            while i < offsets.len() {
+                let from = offsets[i];
+                let span = (last - from + 1).min(MOVE_BATCH as u64) as usize;
+                match self.driver.read_records(&tp, from, span).await {
+                    Ok(records) => {
+                        let Some(end) = records.last().map(|(o, _)| *o) else {
+                            break;
+                        };
+                        for (o, r) in records {
+                            found.insert((p, o), r);
+                        }
+                        while i < offsets.len() && offsets[i] <= end {
+                            i += 1;
+                        }
                     }
                     Err(e) => {
-                        tracing::warn!(%tp, offset, error = %e, "scheduler: reading a due message failed; retrying");
-                        Err(Body::At(p, offset))
+                        tracing::warn!(%tp, error = %e, "scheduler: reading due messages failed; retrying");
+                        failed.insert(p);
+                        break;
                     }
                 }
             }
         }
+        (found, failed)
     }
 
     async fn check(&self, id: &str, r: &Record, checks: u32) -> TxnDecision {
