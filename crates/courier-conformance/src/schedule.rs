@@ -181,7 +181,11 @@ pub fn txn_commit_visible_once(h: &dyn Harness) -> BoxFuture<'_, ()> {
 /// A rolled-back half is never delivered, even when a check-back would commit it.
 pub fn txn_rollback_never_visible(h: &dyn Harness) -> BoxFuture<'_, ()> {
     boxed(async move {
-        let client = scheduled(h, options(&unique("sched"))).await;
+        // The decision must reach the member before the check time (Kafka fetches
+        // can take a few hundred ms), so give it 2 s.
+        let mut opts = options(&unique("sched"));
+        opts.check_after = Duration::from_secs(2);
+        let client = scheduled(h, opts).await;
         client
             .transactions()
             .set_checker(|_: &HalfMessage| TxnDecision::Commit);
@@ -200,8 +204,8 @@ pub fn txn_rollback_never_visible(h: &dyn Harness) -> BoxFuture<'_, ()> {
         b.commit().await.expect("commit b");
         let got = recv_n(h, &mut rx, 1).await;
         assert_eq!(got[0].text(), "b");
-        // Past a.check_after: a check-back would have committed it.
-        expect_silence(&mut rx, Duration::from_millis(1500)).await;
+        // Past a's check time: a check-back would have committed it.
+        expect_silence(&mut rx, Duration::from_millis(2500)).await;
         c.stop().await.expect("stop");
         shutdown(client).await;
     })

@@ -339,10 +339,16 @@ pub trait Driver: Send + Sync + 'static {
     /// Members and per-partition positions of a group.
     async fn describe_group(&self, group: &str) -> Result<GroupInfo>;
 
-    /// The record stored at `offset` of `tp` (`Ok(None)` when it is gone), on backends
+    /// Up to `max` records of `tp` from `from` on, with their offsets (starting at the
+    /// first available offset when `from` was deleted; empty past the end), on backends
     /// that read by position (the embedded logs). Lets Courier's scheduler keep only an
     /// index entry per pending delayed message instead of its payload.
-    async fn read_record(&self, _tp: &TopicPartition, _offset: u64) -> Result<Option<Record>> {
+    async fn read_records(
+        &self,
+        _tp: &TopicPartition,
+        _from: u64,
+        _max: usize,
+    ) -> Result<Vec<(u64, Record)>> {
         Err(Error::Unsupported {
             feature: "read by position",
             backend: self.name(),

@@ -218,24 +218,37 @@ impl<S: LogStore> Driver for LogDriver<S> {
         Ok(self.shared.store.list_topics())
     }
 
-    async fn read_record(&self, tp: &TopicPartition, offset: u64) -> Result<Option<Record>> {
+    async fn read_records(
+        &self,
+        tp: &TopicPartition,
+        from: u64,
+        max: usize,
+    ) -> Result<Vec<(u64, Record)>> {
         let Some(t) = self.shared.store.topic(&tp.topic) else {
-            return Ok(None);
+            return Err(Self::unknown_topic(&tp.topic));
         };
         let Some(log) = t.partitions.get(tp.partition as usize) else {
-            return Ok(None);
+            return Ok(Vec::new());
         };
-        let found = log.read(offset, 1).await?.into_iter().next();
-        // `read` starts at the first available offset when `offset` was deleted.
-        Ok(found.filter(|r| r.offset == offset).map(|r| Record {
-            topic: tp.topic.clone(),
-            partition: Some(tp.partition),
-            id: r.id,
-            key: r.key,
-            value: r.value,
-            headers: r.headers,
-            timestamp: r.timestamp,
-        }))
+        Ok(log
+            .read(from, max.max(1))
+            .await?
+            .into_iter()
+            .map(|r| {
+                (
+                    r.offset,
+                    Record {
+                        topic: tp.topic.clone(),
+                        partition: Some(tp.partition),
+                        id: r.id,
+                        key: r.key,
+                        value: r.value,
+                        headers: r.headers,
+                        timestamp: r.timestamp,
+                    },
+                )
+            })
+            .collect())
     }
 
     async fn describe_topic(&self, name: &str) -> Result<TopicInfo> {

@@ -81,7 +81,10 @@ async fn main() {
     let rate = schedule(&client, target, pending, |_| far).await;
     let started = Instant::now();
     while (client.scheduler_pending() as u64) < pending {
-        assert!(started.elapsed() < Duration::from_secs(600), "index never filled");
+        assert!(
+            started.elapsed() < Duration::from_secs(600),
+            "index never filled"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let indexed_after = started.elapsed();
@@ -125,7 +128,10 @@ async fn main() {
     .await;
     let started = Instant::now();
     while (late.lock().len() as u64) < due_n {
-        assert!(started.elapsed() < Duration::from_secs(600), "not all delivered");
+        assert!(
+            started.elapsed() < Duration::from_secs(600),
+            "not all delivered"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let mut l = late.lock().clone();

@@ -172,6 +172,8 @@ impl Producer {
     /// Queues `msg` and returns at once. Await the handle for the receipt (the seeds'
     /// `SendSync`), or pass a callback with [`SendHandle::on_complete`] (the seeds'
     /// async `Send`). Invalid input fails the handle immediately; nothing is queued.
+    /// A `deliver_at` in the future stores the message in the schedule log; it becomes
+    /// visible, with the same id, when due (docs/delay-and-transactions.md).
     pub fn send(&self, msg: Message) -> SendHandle {
         if let Err(e) = self.check(&msg) {
             return SendHandle::ready(Err(e));

@@ -37,6 +37,8 @@ enum What {
 }
 
 struct Entry {
+    /// Schedule-log partition and offset.
+    pos: (u32, u64),
     id: String,
     what: What,
     body: Body,
@@ -54,7 +56,14 @@ pub(crate) struct Engine {
     halves: HashMap<String, (i64, u64)>,
     seq: u64,
     hello: String,
+    /// Partitions where this member read its own start marker: everything written
+    /// before it (moved markers of an earlier incarnation included) has been seen.
     greeted: HashSet<u32>,
+    /// Entries of partitions not caught up yet, released at the start marker.
+    parked: HashMap<u32, Vec<(i64, Entry)>>,
+    /// Offsets moved by an earlier incarnation, per partition not caught up yet.
+    moved: HashMap<u32, HashSet<u64>>,
+    last_greet: Instant,
     partitions: u32,
     ready: watch::Sender<bool>,
 }
@@ -69,7 +78,9 @@ impl Engine {
     ) -> Self {
         let driver = sched.driver.clone();
         let by_position = !matches!(
-            driver.read_record(&TopicPartition::new(&log, 0), 0).await,
+            driver
+                .read_records(&TopicPartition::new(&log, 0), 0, 1)
+                .await,
             Err(Error::Unsupported { .. })
         );
         Self {
@@ -83,6 +94,9 @@ impl Engine {
             seq: 0,
             hello: format!("__hello.{}", ulid::Ulid::new()),
             greeted: HashSet::new(),
+            parked: HashMap::new(),
+            moved: HashMap::new(),
+            last_greet: Instant::now(),
             partitions,
             ready,
         }
@@ -92,7 +106,8 @@ impl Engine {
         let (tx, mut rx) = mpsc::unbounded_channel();
         let (close_tx, close_rx) = oneshot::channel();
         let reader = tokio::spawn(read(sub, tx, close_rx));
-        self.greet().await;
+        self.greet(None).await;
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
             self.sched
                 .pending
@@ -103,6 +118,7 @@ impl Engine {
                 biased;
                 _ = stop.cancelled() => break,
                 _ = sleep, if next.is_some() => self.fire().await,
+                _ = tick.tick() => self.regreet().await,
                 batch = rx.recv() => match batch {
                     Some(batch) => {
                         for d in batch {
@@ -124,9 +140,30 @@ impl Engine {
         tracing::debug!(log = %self.log, "scheduler member stopped");
     }
 
-    /// One marker per partition, so this member learns when it owns them all.
-    async fn greet(&self) {
-        let hellos = (0..self.partitions)
+    /// A partition gained after start (rebalance) never shows this member's first
+    /// marker again: write another so its entries are released.
+    async fn regreet(&mut self) {
+        if self.last_greet.elapsed() < Duration::from_secs(2) {
+            return;
+        }
+        let waiting: Vec<u32> = self
+            .parked
+            .iter()
+            .filter(|(p, v)| !v.is_empty() && !self.greeted.contains(p))
+            .map(|(p, _)| *p)
+            .collect();
+        if !waiting.is_empty() {
+            self.greet(Some(waiting)).await;
+        }
+    }
+
+    /// One marker per partition, so this member learns when it has caught up with
+    /// each and when it owns them all.
+    async fn greet(&mut self, only: Option<Vec<u32>>) {
+        self.last_greet = Instant::now();
+        let hellos = only
+            .unwrap_or_else(|| (0..self.partitions).collect())
+            .into_iter()
             .map(|p| {
                 let mut r = wire::op(&format!("{}.{p}", self.hello), false, &self.log, 1);
                 r.partition = Some(p);
@@ -135,6 +172,35 @@ impl Engine {
             .collect();
         if let Err(e) = self.driver.publish(hellos).await {
             tracing::warn!(error = %e, "scheduler: could not write readiness markers");
+        }
+    }
+
+    /// Indexes a newly read entry, or parks it until its partition caught up.
+    fn admit(&mut self, due: i64, e: Entry) {
+        let p = e.pos.0;
+        if self.greeted.contains(&p) {
+            self.insert(due, e);
+        } else {
+            self.parked.entry(p).or_default().push((due, e));
+        }
+    }
+
+    /// Partition `p` caught up: release its parked entries, except those an earlier
+    /// incarnation already moved.
+    fn caught_up(&mut self, p: u32) {
+        if !self.greeted.insert(p) {
+            return;
+        }
+        let moved = self.moved.remove(&p).unwrap_or_default();
+        for (due, e) in self.parked.remove(&p).unwrap_or_default() {
+            if moved.contains(&e.pos.1) {
+                e.ack.ack();
+            } else {
+                self.insert(due, e);
+            }
+        }
+        if self.greeted.len() as u32 >= self.partitions {
+            self.ready.send_replace(true);
         }
     }
 
@@ -159,6 +225,7 @@ impl Engine {
         }
         match wire::kind(&d.headers) {
             Kind::Delay { due } => {
+                let pos = (d.partition, d.offset);
                 let body = if self.by_position {
                     Body::At(d.partition, d.offset)
                 } else {
@@ -167,15 +234,35 @@ impl Engine {
                         None => return ack.ack(),
                     }
                 };
-                self.insert_delay(due, body, ack);
+                self.admit(
+                    due,
+                    Entry {
+                        pos,
+                        id: String::new(),
+                        what: What::Delay,
+                        body,
+                        ack,
+                    },
+                );
+            }
+            Kind::Moved => {
+                if !self.greeted.contains(&d.partition) {
+                    self.moved
+                        .entry(d.partition)
+                        .or_default()
+                        .extend(wire::moved_offsets(&d.value));
+                }
+                ack.ack();
             }
             Kind::Half { check_at } => {
                 let id = d.id.clone();
+                let pos = (d.partition, d.offset);
                 match target_of(d) {
                     Some(r) => {
-                        self.insert(
+                        self.admit(
                             check_at,
                             Entry {
+                                pos,
                                 id,
                                 what: What::Half { checks: 0 },
                                 body: Body::Target(r),
@@ -192,9 +279,20 @@ impl Engine {
                     .and_then(|rest| rest.strip_prefix('.'))
                     .and_then(|p| p.parse::<u32>().ok())
                 {
-                    self.greeted.insert(p);
-                    if self.greeted.len() as u32 >= self.partitions {
-                        self.ready.send_replace(true);
+                    self.caught_up(p);
+                } else if let Some(parked) = self.parked.get_mut(&d.partition).and_then(|v| {
+                    let i = v
+                        .iter()
+                        .position(|(_, e)| matches!(e.what, What::Half { .. }) && e.id == id)?;
+                    Some((v, i))
+                }) {
+                    // Decided while catching up.
+                    let (v, i) = parked;
+                    if commit {
+                        v[i].0 = i64::MIN;
+                        v[i].1.what = What::Delay;
+                    } else {
+                        v.remove(i).1.ack.ack();
                     }
                 } else if let Some(key) = self.halves.remove(&id) {
                     if let Some(mut e) = self.index.remove(&key) {
@@ -222,10 +320,11 @@ impl Engine {
         }
     }
 
-    fn insert_delay(&mut self, due: i64, body: Body, ack: AckHandle) {
+    fn insert_delay(&mut self, due: i64, pos: (u32, u64), body: Body, ack: AckHandle) {
         self.insert(
             due,
             Entry {
+                pos,
                 id: String::new(),
                 what: What::Delay,
                 body,
@@ -244,7 +343,8 @@ impl Engine {
                 _ => break,
             }
         }
-        let mut moves: Vec<(AckHandle, Record)> = Vec::with_capacity(due.len());
+        let mut moves: Vec<((u32, u64), AckHandle, Record)> = Vec::with_capacity(due.len());
+        let (mut found, failed) = self.read_positions(&due).await;
         for e in due {
             if e.ack.is_stale() {
                 // The partition moved to another member, which has it again.
@@ -255,12 +355,30 @@ impl Engine {
                 continue;
             }
             match e.what {
-                What::Delay => match self.resolve(e.body).await {
-                    Ok(Some(r)) => moves.push((e.ack, r)),
-                    Ok(None) => e.ack.ack(),
-                    Err(body) => {
-                        self.insert_delay(now + RETRY_AFTER_MS, body, e.ack);
-                    }
+                What::Delay => match e.body {
+                    Body::Target(r) => moves.push((e.pos, e.ack, r)),
+                    Body::At(p, offset) => match found.remove(&(p, offset)) {
+                        Some(r) => match wire::unwrap(r) {
+                            Some(r) => moves.push((e.pos, e.ack, r)),
+                            None => e.ack.ack(),
+                        },
+                        None if failed.contains(&p) => {
+                            self.insert_delay(
+                                now + RETRY_AFTER_MS,
+                                e.pos,
+                                Body::At(p, offset),
+                                e.ack,
+                            );
+                        }
+                        None => {
+                            tracing::error!(
+                                partition = p,
+                                offset,
+                                "scheduler: delayed message no longer in the schedule log"
+                            );
+                            e.ack.ack();
+                        }
+                    },
                 },
                 What::Half { checks } => {
                     self.halves.remove(&e.id);
@@ -269,7 +387,7 @@ impl Engine {
                         continue;
                     };
                     match self.check(&e.id, &r, checks).await {
-                        TxnDecision::Commit => moves.push((e.ack, r)),
+                        TxnDecision::Commit => moves.push((e.pos, e.ack, r)),
                         TxnDecision::Rollback => {
                             tracing::info!(id = %e.id, "half rolled back by check-back");
                             e.ack.ack();
@@ -288,6 +406,7 @@ impl Engine {
                             self.insert(
                                 at,
                                 Entry {
+                                    pos: e.pos,
                                     id: e.id,
                                     what: What::Half { checks: checks + 1 },
                                     body: Body::Target(r),
@@ -302,38 +421,79 @@ impl Engine {
         if moves.is_empty() {
             return;
         }
-        let (acks, records): (Vec<_>, Vec<_>) = moves.into_iter().unzip();
+        let mut acks = Vec::with_capacity(moves.len());
+        let mut records = Vec::with_capacity(moves.len());
+        let mut done: BTreeMap<u32, Vec<u64>> = BTreeMap::new();
+        for (pos, ack, r) in moves {
+            acks.push((pos, ack));
+            records.push(r);
+        }
         match self.driver.publish(records.clone()).await {
-            Ok(_) => acks.into_iter().for_each(AckHandle::ack),
+            Ok(_) => {
+                for (pos, _) in &acks {
+                    done.entry(pos.0).or_default().push(pos.1);
+                }
+                // Out-of-order acks are not committed while an earlier entry waits,
+                // so the log itself records what moved; a restart skips those.
+                let markers = done
+                    .iter()
+                    .map(|(p, offsets)| wire::moved(*p, offsets, &self.log))
+                    .collect();
+                if let Err(e) = self.driver.publish(markers).await {
+                    tracing::warn!(error = %e, "scheduler: recording moves failed; a crash now would repeat them (same ids)");
+                }
+                acks.into_iter().for_each(|(_, a)| a.ack());
+            }
             Err(e) => {
                 tracing::warn!(error = %e, count = records.len(), "scheduler: moving due messages failed; retrying");
-                for (ack, r) in acks.into_iter().zip(records) {
-                    self.insert_delay(now + RETRY_AFTER_MS, Body::Target(r), ack);
+                for ((pos, ack), r) in acks.into_iter().zip(records) {
+                    self.insert_delay(now + RETRY_AFTER_MS, pos, Body::Target(r), ack);
                 }
             }
         }
     }
 
-    /// The entry's message addressed to its target; `Ok(None)` when it is gone (logged),
-    /// `Err(body)` to retry later.
-    async fn resolve(&self, body: Body) -> std::result::Result<Option<Record>, Body> {
-        match body {
-            Body::Target(r) => Ok(Some(r)),
-            Body::At(p, offset) => {
-                let tp = TopicPartition::new(&self.log, p);
-                match self.driver.read_record(&tp, offset).await {
-                    Ok(Some(r)) => Ok(wire::unwrap(r)),
-                    Ok(None) => {
-                        tracing::error!(%tp, offset, "scheduler: delayed message no longer in the schedule log");
-                        Ok(None)
+    /// Reads the due entries stored by position, one range read per run of offsets
+    /// per partition. Returns what was found and the partitions whose read failed
+    /// (their entries are retried).
+    async fn read_positions(&self, due: &[Entry]) -> (HashMap<(u32, u64), Record>, HashSet<u32>) {
+        let mut wanted: BTreeMap<u32, Vec<u64>> = BTreeMap::new();
+        for e in due {
+            if let (What::Delay, Body::At(p, o)) = (&e.what, &e.body) {
+                wanted.entry(*p).or_default().push(*o);
+            }
+        }
+        let mut found = HashMap::new();
+        let mut failed = HashSet::new();
+        for (p, mut offsets) in wanted {
+            offsets.sort_unstable();
+            let tp = TopicPartition::new(&self.log, p);
+            let last = offsets[offsets.len() - 1];
+            let mut i = 0;
+            while i < offsets.len() {
+                let from = offsets[i];
+                let span = (last - from + 1).min(MOVE_BATCH as u64) as usize;
+                match self.driver.read_records(&tp, from, span).await {
+                    Ok(records) => {
+                        let Some(end) = records.last().map(|(o, _)| *o) else {
+                            break;
+                        };
+                        for (o, r) in records {
+                            found.insert((p, o), r);
+                        }
+                        while i < offsets.len() && offsets[i] <= end {
+                            i += 1;
+                        }
                     }
                     Err(e) => {
-                        tracing::warn!(%tp, offset, error = %e, "scheduler: reading a due message failed; retrying");
-                        Err(Body::At(p, offset))
+                        tracing::warn!(%tp, error = %e, "scheduler: reading due messages failed; retrying");
+                        failed.insert(p);
+                        break;
                     }
                 }
             }
         }
+        (found, failed)
     }
 
     async fn check(&self, id: &str, r: &Record, checks: u32) -> TxnDecision {

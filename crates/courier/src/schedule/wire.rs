@@ -30,6 +30,8 @@ pub(crate) enum Kind {
     Half { check_at: i64 },
     /// Decide the half `id`.
     Op { id: String, commit: bool },
+    /// Offsets of this partition moved to their targets (listed in the value).
+    Moved,
     /// Not ours (written by a newer version or by hand): acknowledged and skipped.
     Unknown,
 }
@@ -80,6 +82,31 @@ pub(crate) fn op(id: &str, commit: bool, log: &str, partitions: u32) -> Record {
     }
 }
 
+/// The marker that `offsets` of schedule-log partition `partition` were moved: read
+/// back after a crash, it stops them being moved twice.
+pub(crate) fn moved(partition: u32, offsets: &[u64], log: &str) -> Record {
+    let mut headers = Headers::new();
+    headers.insert(HEADER_KIND, "moved");
+    let value: Vec<u8> = offsets.iter().flat_map(|o| o.to_le_bytes()).collect();
+    Record {
+        topic: log.to_string(),
+        partition: Some(partition),
+        id: ulid::Ulid::new().to_string(),
+        key: None,
+        value: Bytes::from(value),
+        headers,
+        timestamp: courier_core::now_millis(),
+    }
+}
+
+/// The offsets a `moved` marker lists.
+pub(crate) fn moved_offsets(value: &[u8]) -> Vec<u64> {
+    value
+        .chunks_exact(8)
+        .map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
+        .collect()
+}
+
 fn num(h: &Headers, name: &str) -> Option<i64> {
     h.get_str(name)?.parse().ok()
 }
@@ -93,6 +120,7 @@ pub(crate) fn kind(h: &Headers) -> Kind {
         Some("half") => {
             num(h, HEADER_CHECK_AT).map_or(Kind::Unknown, |check_at| Kind::Half { check_at })
         }
+        Some("moved") => Kind::Moved,
         Some("op") => match (h.get_str(HEADER_TXN_ID), h.get_str(HEADER_TXN_OP)) {
             (Some(id), Some(op @ ("commit" | "rollback"))) => Kind::Op {
                 id: id.to_string(),
@@ -154,5 +182,8 @@ mod tests {
         assert_eq!(kind(&o.headers), Kind::Op { id, commit: true });
         assert_eq!(kind(&h.headers), Kind::Half { check_at: 5 });
         assert_eq!(kind(&Headers::new()), Kind::Unknown);
+        let m = moved(3, &[7, 1 << 40], "l");
+        assert_eq!((kind(&m.headers), m.partition), (Kind::Moved, Some(3)));
+        assert_eq!(moved_offsets(&m.value), vec![7, 1 << 40]);
     }
 }
