@@ -2,8 +2,7 @@
 //! (`COURIER_NATS_URL` overrides; `scripts/brokers.sh start` starts one).
 
 fn nats() -> courier_conformance::UrlHarness {
-    let url =
-        std::env::var("COURIER_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into());
+    let url = std::env::var("COURIER_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into());
     courier_conformance::UrlHarness::new("nats", url, courier_conformance::harness::fast_config())
 }
 

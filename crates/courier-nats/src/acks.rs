@@ -272,7 +272,11 @@ mod tests {
         book.add(tp.clone());
         let mut epochs = Vec::new();
         for seq in [10, 11, 12] {
-            let v = book.parts().get_mut(&tp).unwrap().arrive(seq, 1, "r".into());
+            let v = book
+                .parts()
+                .get_mut(&tp)
+                .unwrap()
+                .arrive(seq, 1, "r".into());
             match v {
                 Verdict::Deliver { epoch, attempt } => {
                     assert_eq!(attempt, 1);
@@ -305,7 +309,10 @@ mod tests {
             p.arrive(12, 3, "r".into()),
             Verdict::Deliver { attempt: 1, .. }
         ));
-        assert!(matches!(p.arrive(13, 2, "r".into()), Verdict::Deliver { .. }));
+        assert!(matches!(
+            p.arrive(13, 2, "r".into()),
+            Verdict::Deliver { .. }
+        ));
         assert!(p.rewind.is_none());
     }
 }

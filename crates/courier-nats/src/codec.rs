@@ -22,9 +22,7 @@ pub(crate) const HEADERS_B64: &str = "Courier-Headers-B64";
 
 fn text_value(v: &[u8]) -> Option<&str> {
     let s = std::str::from_utf8(v).ok()?;
-    let plain = !s.is_empty()
-        && s.trim() == s
-        && !s.contains(|c: char| c.is_control());
+    let plain = !s.is_empty() && s.trim() == s && !s.contains(|c: char| c.is_control());
     plain.then_some(s)
 }
 
@@ -143,7 +141,10 @@ mod tests {
         assert_eq!(d.id, "id-1");
         assert_eq!(d.timestamp, 1_700_000_000_123);
         assert_eq!(d.key.as_deref(), Some(&[0u8, 159, 146, 150][..]));
-        assert_eq!(d.headers.get("x-bin").map(|b| b.as_ref()), Some(&[0u8, 255, 1][..]));
+        assert_eq!(
+            d.headers.get("x-bin").map(|b| b.as_ref()),
+            Some(&[0u8, 255, 1][..])
+        );
         assert_eq!(d.headers.get_str("X-Trace-ID"), Some("abc"));
         assert_eq!(d.headers.get_str("odd: name"), Some("v"));
         assert_eq!(d.headers.get_str("spaced"), Some(" v "));

@@ -6,9 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
 use async_nats::jetstream::stream;
 use async_nats::jetstream::Context;
-use courier_core::{
-    Error, GroupInfo, GroupOffset, MemberInfo, ResetTo, Result, TopicPartition,
-};
+use courier_core::{Error, GroupInfo, GroupOffset, MemberInfo, ResetTo, Result, TopicPartition};
 use futures::TryStreamExt;
 
 use crate::subscription::Settings;
@@ -96,7 +94,9 @@ async fn members(js: &Context, group: &str, topics: &[String]) -> Result<Vec<Mem
             };
             if let Ok(Some(owner)) = kv.get(k).await {
                 let owner = String::from_utf8_lossy(&owner).into_owned();
-                out.entry(owner).or_default().push(TopicPartition::new(t, p));
+                out.entry(owner)
+                    .or_default()
+                    .push(TopicPartition::new(t, p));
             }
         }
     }

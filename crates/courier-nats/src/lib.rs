@@ -172,11 +172,14 @@ impl Driver for NatsDriver {
             .request("$JS.API.INFO", bytes::Bytes::new())
             .await
             .map_err(|e| Error::connection(BACKEND, e))?;
-        let v: serde_json::Value = serde_json::from_slice(&reply.payload)
-            .map_err(|e| Error::connection(BACKEND, e))?;
+        let v: serde_json::Value =
+            serde_json::from_slice(&reply.payload).map_err(|e| Error::connection(BACKEND, e))?;
         match v.get("error") {
             None => Ok(()),
-            Some(e) => Err(Error::connection(BACKEND, format!("JetStream unavailable: {e}"))),
+            Some(e) => Err(Error::connection(
+                BACKEND,
+                format!("JetStream unavailable: {e}"),
+            )),
         }
     }
 

@@ -97,13 +97,14 @@ impl Publisher {
             let mut chosen: HashMap<&str, (u32, u32)> = HashMap::new();
             for r in &batch {
                 if !chosen.contains_key(r.topic.as_str()) {
-                    let (n, sticky) = self.partitions(&r.topic).await.map_err(|e| {
-                        Error::BatchSendFailed {
-                            failed: total,
-                            total,
-                            source: Box::new(e),
-                        }
-                    })?;
+                    let (n, sticky) =
+                        self.partitions(&r.topic)
+                            .await
+                            .map_err(|e| Error::BatchSendFailed {
+                                failed: total,
+                                total,
+                                source: Box::new(e),
+                            })?;
                     let s = sticky.fetch_add(1, Ordering::Relaxed) % n;
                     chosen.insert(r.topic.as_str(), (n, s));
                 }
@@ -131,7 +132,11 @@ impl Publisher {
                 // it never waits on permits it holds itself.
                 if window.len() >= ACK_WINDOW {
                     if let Some((j, f)) = window.pop_front() {
-                        acks[j] = Some(f.await.map(|a| a.sequence).map_err(|e| send_error(&batch[j].topic, e)));
+                        acks[j] = Some(
+                            f.await
+                                .map(|a| a.sequence)
+                                .map_err(|e| send_error(&batch[j].topic, e)),
+                        );
                     }
                 }
                 let sent = self
@@ -158,7 +163,11 @@ impl Publisher {
             }
         }
         for (j, f) in window {
-            acks[j] = Some(f.await.map(|a| a.sequence).map_err(|e| send_error(&batch[j].topic, e)));
+            acks[j] = Some(
+                f.await
+                    .map(|a| a.sequence)
+                    .map_err(|e| send_error(&batch[j].topic, e)),
+            );
         }
         let mut receipts = Vec::with_capacity(total);
         let mut first_error: Option<Error> = None;

@@ -21,8 +21,8 @@ use async_nats::jetstream::Context;
 use async_trait::async_trait;
 use bytes::Bytes;
 use courier_core::{
-    AckHandle, AckToken, Acker, Delivery, Error, OffsetReset, Result, SubscribeSpec,
-    Subscription, TopicPartition, TopicSpec,
+    AckHandle, AckToken, Acker, Delivery, Error, OffsetReset, Result, SubscribeSpec, Subscription,
+    TopicPartition, TopicSpec,
 };
 use futures::{FutureExt, StreamExt, TryStreamExt};
 use parking_lot::Mutex;
@@ -261,7 +261,10 @@ impl Coordinator {
         for t in self.spec.topics.clone() {
             let n = self.partitions(&t).await?;
             let prefix = names::member_prefix(&t);
-            let mut members: Vec<&str> = keys.iter().filter_map(|k| k.strip_prefix(&prefix)).collect();
+            let mut members: Vec<&str> = keys
+                .iter()
+                .filter_map(|k| k.strip_prefix(&prefix))
+                .collect();
             if !members.contains(&self.member.as_str()) {
                 members.push(&self.member);
             }
@@ -281,7 +284,11 @@ impl Coordinator {
     async fn settle_partition(&mut self, topic: &str, tp: Tp, desired: bool) {
         let lease = names::lease_key(topic, tp.1);
         if let Some(o) = self.owned.get_mut(&tp) {
-            match self.kv.update(&lease, Bytes::from(self.member.clone()), o.rev).await {
+            match self
+                .kv
+                .update(&lease, Bytes::from(self.member.clone()), o.rev)
+                .await
+            {
                 Ok(rev) => o.rev = rev,
                 Err(e) if matches!(e.kind(), UpdateErrorKind::WrongLastRevision) => {
                     // The lease expired (we were cut off longer than the session
@@ -311,7 +318,11 @@ impl Coordinator {
             return;
         }
         if let Some(r) = self.releasing.get_mut(&tp) {
-            if let Ok(rev) = self.kv.update(&lease, Bytes::from(self.member.clone()), r.rev).await {
+            if let Ok(rev) = self
+                .kv
+                .update(&lease, Bytes::from(self.member.clone()), r.rev)
+                .await
+            {
                 r.rev = rev;
             }
             return;
@@ -319,7 +330,11 @@ impl Coordinator {
         if !desired {
             return;
         }
-        let rev = match self.kv.create(&lease, Bytes::from(self.member.clone())).await {
+        let rev = match self
+            .kv
+            .create(&lease, Bytes::from(self.member.clone()))
+            .await
+        {
             Ok(rev) => rev,
             Err(e) if matches!(e.kind(), CreateErrorKind::AlreadyExists) => return,
             Err(e) => {
@@ -511,7 +526,9 @@ impl Reader {
                 let item = match batch.next().now_or_never() {
                     Some(item) => item,
                     None => {
-                        if !chunk.is_empty() && !self.hand_out(std::mem::take(&mut chunk), &mut stop).await {
+                        if !chunk.is_empty()
+                            && !self.hand_out(std::mem::take(&mut chunk), &mut stop).await
+                        {
                             // Stopping: what is left of this pull is naked below.
                         }
                         batch.next().await
@@ -529,7 +546,8 @@ impl Reader {
                     // The pull request is still open: give its messages back in order
                     // rather than leaving them to the ack-wait timer.
                     if let Some(reply) = m.message.reply.clone() {
-                        self.book.send(Settle::Reply(reply, nak_payload(Duration::ZERO)));
+                        self.book
+                            .send(Settle::Reply(reply, nak_payload(Duration::ZERO)));
                     }
                     continue;
                 }
@@ -583,7 +601,8 @@ impl Reader {
                 return None;
             }
             None => {
-                self.book.send(Settle::Reply(reply, nak_payload(Duration::ZERO)));
+                self.book
+                    .send(Settle::Reply(reply, nak_payload(Duration::ZERO)));
                 return None;
             }
         };

@@ -5,9 +5,9 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use async_nats::jetstream::context::{CreateStreamErrorKind, GetStreamErrorKind};
-use async_nats::jetstream::ErrorCode;
 use async_nats::jetstream::stream::{self, DiscardPolicy, RetentionPolicy, StorageType};
 use async_nats::jetstream::Context;
+use async_nats::jetstream::ErrorCode;
 use courier_core::{Error, PartitionInfo, Result, TopicInfo, TopicSpec};
 use futures::TryStreamExt;
 
@@ -18,7 +18,9 @@ use crate::BACKEND;
 /// Courier and stream-wide in JetStream, so it is multiplied by the partition count.
 pub(crate) fn stream_config(spec: &TopicSpec) -> Result<stream::Config> {
     if spec.partitions == 0 {
-        return Err(Error::InvalidArgument("a topic needs at least 1 partition".into()));
+        return Err(Error::InvalidArgument(
+            "a topic needs at least 1 partition".into(),
+        ));
     }
     let max_age = match spec.retention_ms {
         Some(ms) if ms > 0 => Duration::from_millis(ms as u64),
@@ -26,7 +28,10 @@ pub(crate) fn stream_config(spec: &TopicSpec) -> Result<stream::Config> {
     };
     let max_bytes = spec
         .retention_bytes
-        .map(|b| b.saturating_mul(u64::from(spec.partitions)).min(i64::MAX as u64) as i64)
+        .map(|b| {
+            b.saturating_mul(u64::from(spec.partitions))
+                .min(i64::MAX as u64) as i64
+        })
         .unwrap_or(-1);
     let max_message_size = spec
         .max_message_size
@@ -87,7 +92,9 @@ pub(crate) async fn create(js: &Context, spec: &TopicSpec, exclusive: bool) -> R
     match js.create_stream(config).await {
         Ok(_) => Ok(()),
         Err(e) => match e.kind() {
-            CreateStreamErrorKind::JetStream(j) if j.error_code() == ErrorCode::STREAM_NAME_EXIST => {
+            CreateStreamErrorKind::JetStream(j)
+                if j.error_code() == ErrorCode::STREAM_NAME_EXIST =>
+            {
                 if exclusive {
                     Err(Error::TopicExists(spec.name.clone()))
                 } else {
@@ -198,7 +205,10 @@ pub(crate) async fn describe(js: &Context, topic: &str) -> Result<TopicInfo> {
         config.insert("max.message.bytes".into(), c.max_message_size.to_string());
     }
     config.insert("nats.stream".into(), c.name.clone());
-    config.insert("nats.storage".into(), format!("{:?}", c.storage).to_lowercase());
+    config.insert(
+        "nats.storage".into(),
+        format!("{:?}", c.storage).to_lowercase(),
+    );
     config.insert("nats.messages".into(), info.state.messages.to_string());
     config.insert("nats.bytes".into(), info.state.bytes.to_string());
     Ok(TopicInfo {

@@ -21,7 +21,7 @@ struct Server {
 
 impl Server {
     fn start(port: u16, dir: &std::path::Path) -> Self {
-        let child = Command::new("nats-server")
+        let mut child = Command::new("nats-server")
             .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
             .arg(dir)
             .stdout(Stdio::null())
@@ -34,6 +34,8 @@ impl Server {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+        let _ = child.kill();
+        let _ = child.wait();
         panic!("private nats-server did not listen on {port}");
     }
 
@@ -141,13 +143,21 @@ async fn acknowledged_messages_survive_a_server_restart() {
             Err(_) => break,
         }
     }
-    let missing: Vec<&String> = acked.iter().filter(|id| !received.contains_key(*id)).collect();
+    let missing: Vec<&String> = acked
+        .iter()
+        .filter(|id| !received.contains_key(*id))
+        .collect();
     let duplicates: usize = received.values().map(|n| n - 1).sum();
     eprintln!(
         "restart: {total} acknowledged, {} received distinct, {duplicates} duplicate deliveries, {attempts} publish calls",
         received.len()
     );
-    assert!(missing.is_empty(), "{} acknowledged messages lost, e.g. {:?}", missing.len(), missing.iter().take(5).collect::<Vec<_>>());
+    assert!(
+        missing.is_empty(),
+        "{} acknowledged messages lost, e.g. {:?}",
+        missing.len(),
+        missing.iter().take(5).collect::<Vec<_>>()
+    );
     sub.close().await.expect("close");
     driver.health().await.expect("healthy after restart");
     if let Some(s) = server.take() {

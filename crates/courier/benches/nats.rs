@@ -69,7 +69,9 @@ fn stream_of(topic: &str) -> (String, Vec<String>) {
     // Bench topics are `[a-z0-9-]`, which Courier keeps verbatim.
     (
         format!("COURIER_{topic}"),
-        (0..PARTITIONS).map(|p| format!("courier.{topic}.{p}")).collect(),
+        (0..PARTITIONS)
+            .map(|p| format!("courier.{topic}.{p}"))
+            .collect(),
     )
 }
 
