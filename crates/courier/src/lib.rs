@@ -49,6 +49,8 @@ pub use courier_core::{
 pub use dead_letters::{
     DeadLetter, DeadLetters, LetterFilter, RedriveReport, Selection, HEADER_REDRIVEN_ID,
 };
+#[cfg(feature = "redis-dedup")]
+pub use pipeline::RedisDedupStore;
 pub use pipeline::{Backoff, DedupStore, MemoryDedupStore, Permanent};
 pub use producer::{Producer, SendHandle};
 pub use stats::{install_prometheus_recorder, StatsSnapshot, TopicStats};

@@ -87,7 +87,7 @@ impl<S> Layer<S> for DeadLetterLayer {
     fn layer(&self, inner: S) -> Self::Service {
         DeadLetterService {
             inner,
-            layer: self.clone(),
+            layer: Arc::new(self.clone()),
         }
     }
 }
@@ -97,7 +97,8 @@ impl<S> Layer<S> for DeadLetterLayer {
 #[derive(Clone)]
 pub struct DeadLetterService<S> {
     inner: S,
-    layer: DeadLetterLayer,
+    // One shared copy: the per-message cost is a single reference count.
+    layer: Arc<DeadLetterLayer>,
 }
 
 impl<S> Service<Delivery> for DeadLetterService<S>
@@ -125,7 +126,7 @@ where
                 return Err(e);
             }
             match e.downcast::<Exhausted>() {
-                Ok(x) => layer.publish(*x).await,
+                Ok(x) => DeadLetterLayer::clone(&layer).publish(*x).await,
                 Err(e) => Err(e),
             }
         })

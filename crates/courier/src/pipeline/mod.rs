@@ -12,6 +12,8 @@ mod decompress;
 mod dedup;
 mod handler;
 mod metrics;
+#[cfg(feature = "redis-dedup")]
+mod redis_dedup;
 mod retry;
 mod trace;
 
@@ -20,5 +22,7 @@ pub use decompress::{DecompressLayer, DecompressService};
 pub use dedup::{DedupLayer, DedupService, DedupStore, MemoryDedupStore};
 pub use handler::{BoxedHandler, Handler, HandlerFn};
 pub use metrics::{MetricsLayer, MetricsService};
+#[cfg(feature = "redis-dedup")]
+pub use redis_dedup::RedisDedupStore;
 pub use retry::{Backoff, Exhausted, Interrupted, Permanent, RetryLayer, RetryService};
 pub use trace::{TraceLayer, TraceService};

@@ -176,7 +176,7 @@ impl<S> Layer<S> for RetryLayer {
     fn layer(&self, inner: S) -> Self::Service {
         RetryService {
             inner,
-            layer: self.clone(),
+            layer: Arc::new(self.clone()),
         }
     }
 }
@@ -186,7 +186,8 @@ impl<S> Layer<S> for RetryLayer {
 #[derive(Clone)]
 pub struct RetryService<S> {
     inner: S,
-    layer: RetryLayer,
+    // One shared copy: the per-message cost is a single reference count.
+    layer: Arc<RetryLayer>,
 }
 
 impl<S> Service<Delivery> for RetryService<S>
@@ -206,10 +207,10 @@ where
         // The ready service goes into the future; `self` keeps a fresh clone.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
-        let backoff = self.layer.backoff.clone();
-        let stop = self.layer.stop.clone();
-        let counters = self.layer.counters.get(&d.topic);
+        let layer = self.layer.clone();
         Box::pin(async move {
+            let backoff = &layer.backoff;
+            let stop = &layer.stop;
             let mut retries = 0u32;
             let mut first = true;
             loop {
@@ -235,7 +236,8 @@ where
                     }) as BoxError);
                 }
                 let wait = backoff.delay(retries);
-                counters.retry();
+                // Looked up on the failure path only; the happy path stays lookup-free.
+                layer.counters.clone().get(&d.topic).retry();
                 tracing::warn!(
                     topic = %d.topic, partition = d.partition, offset = d.offset,
                     retry = retries + 1, ?wait, error = %e, "handler failed; retrying"
