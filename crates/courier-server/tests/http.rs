@@ -119,7 +119,7 @@ impl Api {
         let resp = req.send().await.unwrap();
         let status = resp.status();
         let text = resp.text().await.unwrap();
-        let v: Value = serde_json::from_str(&text).unwrap_or_else(|_| Value::String(text));
+        let v: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
         if v.get("code").is_some() || !status.is_success() {
             assert_eq!(
                 v["code"],
