@@ -17,8 +17,8 @@ use crate::connect::connect_driver;
 use crate::consumer::{ConsumerBuilder, Statuses};
 use crate::dead_letters::DeadLetters;
 use crate::producer::Producer;
-use crate::stats::{Registry, StatsSnapshot};
 use crate::schedule::{ScheduleOptions, Scheduler};
+use crate::stats::{Registry, StatsSnapshot};
 use crate::txn::Transactions;
 use crate::validate::{validate_group, validate_topic};
 

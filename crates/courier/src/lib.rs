@@ -29,9 +29,9 @@ mod consumer;
 mod dead_letters;
 pub mod pipeline;
 mod producer;
+mod schedule;
 pub mod stats;
 pub mod trace;
-mod schedule;
 mod txn;
 mod validate;
 
@@ -53,8 +53,8 @@ pub use dead_letters::{
 pub use pipeline::RedisDedupStore;
 pub use pipeline::{Backoff, DedupStore, MemoryDedupStore, Permanent};
 pub use producer::{Producer, SendHandle};
+pub use schedule::{ScheduleOptions, HEADER_DELAY_UNTIL, SCHEDULE_PREFIX};
 pub use stats::{install_prometheus_recorder, StatsSnapshot, TopicStats};
 pub use trace::TraceContext;
-pub use schedule::{ScheduleOptions, HEADER_DELAY_UNTIL, SCHEDULE_PREFIX};
 pub use txn::{Half, HalfMessage, Transactions, TxnChecker, TxnDecision};
 pub use validate::validate_topic;

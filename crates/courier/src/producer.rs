@@ -19,9 +19,9 @@ use tokio::sync::{oneshot, Notify, Semaphore};
 use tokio::task::JoinHandle;
 
 use crate::compress::{compress_if_large, DEFAULT_THRESHOLD};
+use crate::schedule::Scheduler;
 use crate::stats::Registry;
 use crate::trace::inject_on_send;
-use crate::schedule::Scheduler;
 use crate::txn::{Half, Transactions};
 use crate::validate::validate_topic;
 
