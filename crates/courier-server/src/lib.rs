@@ -17,6 +17,7 @@ mod metrics;
 mod monitor;
 mod net;
 mod openapi;
+mod payload;
 mod routes;
 mod state;
 mod time;

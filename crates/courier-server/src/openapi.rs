@@ -3,7 +3,7 @@
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use crate::routes::{consume, groups, health, messages, monitoring, topics};
+use crate::routes::{consume, dead_letters, groups, health, messages, monitoring, topics};
 
 /// The API description served at `/api/v1/openapi.json`.
 #[derive(OpenApi)]
@@ -14,6 +14,7 @@ use crate::routes::{consume, groups, health, messages, monitoring, topics};
         topics::list, topics::create, topics::get, topics::update, topics::delete,
         consume::fetch, consume::commit, consume::leave,
         groups::list, monitoring::monitoring,
+        dead_letters::list, dead_letters::retry,
         health::healthz, health::readyz, health::metrics,
     ),
     modifiers(&Bearer),
@@ -23,6 +24,7 @@ use crate::routes::{consume, groups, health, messages, monitoring, topics};
         (name = "topics", description = "topic management (admin)"),
         (name = "consumers", description = "consumer groups (admin)"),
         (name = "monitoring", description = "rates and lag (admin)"),
+        (name = "dead-letters", description = "listing and re-driving dead letters (admin, audited)"),
         (name = "health", description = "probes and metrics"),
     )
 )]

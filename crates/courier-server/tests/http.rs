@@ -824,3 +824,245 @@ async fn generated_admin_token_is_stored_hashed() {
     s2.shutdown(Duration::from_secs(5)).await.unwrap();
     client.shutdown(Duration::from_secs(5)).await.unwrap();
 }
+
+/// Polls `GET path` as admin until `done` holds for the answer (20 s at most).
+async fn admin_until(api: &Api, path: &str, done: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (s, v) = api.admin("GET", path, None).await;
+        assert_eq!(s, 200, "{v}");
+        if done(&v) {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "gave up waiting on {path}: {v}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_list_and_retry() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    let api = start_with(|c, _| c.max_redrive_per_second = 50).await;
+    let (s, _) = api
+        .admin(
+            "POST",
+            "/api/v1/mq/topics",
+            Some(json!({"name": "svc.jobs", "partitions": 2})),
+        )
+        .await;
+    assert_eq!(s, 200);
+    let healed = Arc::new(AtomicBool::new(false));
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let h = healed.clone();
+    let consumer = api
+        .client
+        .consumer("dlq-workers")
+        .from_earliest()
+        .retry(courier::Backoff::exponential(1, Duration::from_millis(20)))
+        .start(["svc.jobs"], move |d: courier::Delivery| {
+            let (h, tx) = (h.clone(), tx.clone());
+            async move {
+                if !h.load(Ordering::SeqCst) {
+                    return Err(courier::Error::InvalidArgument("cannot digest job".into()));
+                }
+                let _ = tx.send((d.id.clone(), d.value.clone()));
+                Ok(())
+            }
+        })
+        .await
+        .unwrap();
+    let (s, v) = api
+        .call(
+            "POST",
+            "/api/v1/mq/messages",
+            Some(SVC),
+            Some(json!({"topicName": "svc.jobs", "key": "job-1", "value": {"job": 1}, "headers": {"source": "tests"}})),
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    let sent = v["data"].clone();
+
+    // Listed by the original topic's name (its DLQ is svc.jobs.dlq) once given up.
+    let v = admin_until(&api, "/api/v1/mq/dead-letters?topicName=svc.jobs", |v| {
+        v["data"]["total"] == 1
+    })
+    .await;
+    assert_eq!(v["data"]["dlqTopic"], "svc.jobs.dlq");
+    let l = &v["data"]["letters"][0];
+    assert_eq!(l["originalTopic"], "svc.jobs");
+    assert_eq!(l["originalPartition"], sent["partition"]);
+    assert_eq!(l["originalOffset"], sent["offset"]);
+    assert_eq!(l["originalId"], sent["messageId"]);
+    assert_eq!(l["groupId"], "dlq-workers");
+    assert_eq!(l["retryCount"], 1);
+    assert!(
+        l["errorMessage"]
+            .as_str()
+            .unwrap()
+            .contains("cannot digest job"),
+        "{l}"
+    );
+    assert!(l["failedAt"].as_str().unwrap().ends_with('Z'));
+    assert_eq!(l["key"], "job-1");
+    assert_eq!(l["value"], json!({"job": 1}));
+    assert_eq!(l["valueEncoding"], "json");
+    assert_eq!(l["headers"]["source"], "tests");
+    assert!(l["headers"].get("x-original-topic").is_none(), "{l}");
+    let id = l["id"].as_str().unwrap().to_string();
+
+    // Same letter by the DLQ's own name; filters apply.
+    let (_, v) = api
+        .admin(
+            "GET",
+            "/api/v1/mq/dead-letters?topicName=svc.jobs.dlq&groupId=dlq-workers&errorContains=digest",
+            None,
+        )
+        .await;
+    assert_eq!(v["data"]["total"], 1, "{v}");
+    let (_, v) = api
+        .admin(
+            "GET",
+            "/api/v1/mq/dead-letters?topicName=svc.jobs.dlq&groupId=other",
+            None,
+        )
+        .await;
+    assert_eq!(v["data"]["total"], 0, "{v}");
+    assert_eq!(v["data"]["letters"], json!([]));
+    let (_, v) = api
+        .admin(
+            "GET",
+            "/api/v1/mq/dead-letters?topicName=nothing.here",
+            None,
+        )
+        .await;
+    assert_eq!(v["data"]["total"], 0, "a missing DLQ has no letters: {v}");
+
+    // Errors: bad query, bad bodies, non-admin, no token.
+    let (s, _) = api.admin("GET", "/api/v1/mq/dead-letters", None).await;
+    assert_eq!(s, 400, "topicName is required");
+    let (s, _) = api
+        .admin("GET", "/api/v1/mq/dead-letters?topicName=bad%20name", None)
+        .await;
+    assert_eq!(s, 400);
+    let (s, _) = api
+        .admin(
+            "GET",
+            "/api/v1/mq/dead-letters?topicName=svc.jobs&limit=0",
+            None,
+        )
+        .await;
+    assert_eq!(s, 400);
+    for body in [
+        json!({"topicName": "svc.jobs"}),
+        json!({"topicName": "svc.jobs", "all": true, "ids": [id]}),
+        json!({"topicName": "svc.jobs", "ids": []}),
+        json!({"topicName": "svc.jobs", "all": true, "ratePerSecond": 0}),
+        json!({"topicName": "svc.jobs", "all": true, "bogus": 1}),
+    ] {
+        let (s, v) = api
+            .admin("POST", "/api/v1/mq/dead-letters/retry", Some(body.clone()))
+            .await;
+        assert_eq!(s, 400, "{body} -> {v}");
+    }
+    let retry =
+        json!({"topicName": "svc.jobs", "ids": [id, "no-such-letter"], "ratePerSecond": 1000});
+    let (s, _) = api
+        .call(
+            "POST",
+            "/api/v1/mq/dead-letters/retry",
+            Some(SVC),
+            Some(retry.clone()),
+        )
+        .await;
+    assert_eq!(s, 403);
+    let (s, _) = api
+        .call(
+            "GET",
+            "/api/v1/mq/dead-letters?topicName=svc.jobs",
+            Some(SVC),
+            None,
+        )
+        .await;
+    assert_eq!(s, 403);
+    let (s, _) = api
+        .call(
+            "POST",
+            "/api/v1/mq/dead-letters/retry",
+            None,
+            Some(retry.clone()),
+        )
+        .await;
+    assert_eq!(s, 401);
+    let (s, _) = api
+        .call(
+            "GET",
+            "/api/v1/mq/dead-letters?topicName=svc.jobs",
+            Some("wrong-token"),
+            None,
+        )
+        .await;
+    assert_eq!(s, 401);
+    assert_eq!(rx.try_recv().ok(), None, "nothing consumed while refused");
+
+    // Re-drive: back on svc.jobs under its original id, consumed by the healed group.
+    healed.store(true, Ordering::SeqCst);
+    let (s, v) = api
+        .admin("POST", "/api/v1/mq/dead-letters/retry", Some(retry))
+        .await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["data"]["dlqTopic"], "svc.jobs.dlq");
+    assert_eq!(v["data"]["ratePerSecond"], 50, "capped by the server");
+    assert_eq!(v["data"]["redriven"], json!([id]));
+    assert_eq!(v["data"]["failed"], json!([]));
+    assert_eq!(v["data"]["notFound"], json!(["no-such-letter"]));
+    let (got_id, got_value) = tokio::time::timeout(Duration::from_secs(20), rx.recv())
+        .await
+        .expect("re-driven message consumed")
+        .unwrap();
+    assert_eq!(got_id, sent["messageId"].as_str().unwrap());
+    assert_eq!(&got_value[..], br#"{"job":1}"#);
+    let (_, v) = api
+        .admin("GET", "/api/v1/mq/dead-letters?topicName=svc.jobs", None)
+        .await;
+    assert_eq!(
+        v["data"]["total"], 0,
+        "re-driven letters are not listed: {v}"
+    );
+    let (s, v) = api
+        .admin(
+            "POST",
+            "/api/v1/mq/dead-letters/retry",
+            Some(json!({"topicName": "svc.jobs.dlq", "all": true})),
+        )
+        .await;
+    assert_eq!(s, 200);
+    assert_eq!(v["data"]["redriven"], json!([]), "nothing left: {v}");
+
+    // Both the refused and the allowed re-drives are in the audit log (written
+    // asynchronously, hence the wait).
+    let audit_path = api._dir.path().join("audit.log");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let audit = std::fs::read_to_string(&audit_path).unwrap_or_default();
+        let retries: Vec<Value> = audit
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|r| r["action"] == "POST /api/v1/mq/dead-letters/retry")
+            .collect();
+        let allowed = retries
+            .iter()
+            .any(|r| r["who"] == "env-admin" && r["result"] == "ok");
+        let denied = retries
+            .iter()
+            .any(|r| r["who"] == "svc" && r["result"] == "denied");
+        if allowed && denied {
+            break;
+        }
+        assert!(Instant::now() < deadline, "re-drives not audited: {audit}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    consumer.stop().await.unwrap();
+    api.stop().await;
+}
