@@ -3,7 +3,9 @@
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use crate::routes::{consume, dead_letters, groups, health, messages, monitoring, topics};
+use crate::routes::{
+    consume, dead_letters, groups, health, messages, monitoring, topics, transactions,
+};
 
 /// The API description served at `/api/v1/openapi.json`.
 #[derive(OpenApi)]
@@ -11,6 +13,7 @@ use crate::routes::{consume, dead_letters, groups, health, messages, monitoring,
     info(title = "Courier REST API", description = "Seed 004 message queue API over any Courier backend. Every response is {code, message, data}."),
     paths(
         messages::send, messages::send_batch,
+        transactions::commit, transactions::rollback,
         topics::list, topics::create, topics::get, topics::update, topics::delete,
         consume::fetch, consume::commit, consume::leave,
         groups::list, monitoring::monitoring,
@@ -19,7 +22,7 @@ use crate::routes::{consume, dead_letters, groups, health, messages, monitoring,
     ),
     modifiers(&Bearer),
     tags(
-        (name = "messages", description = "send (service or admin tokens, granted topics)"),
+        (name = "messages", description = "send, delay, and transactional (half) messages with commit/rollback (service or admin tokens, granted topics)"),
         (name = "consume", description = "consumer-group reads over HTTP with explicit commit"),
         (name = "topics", description = "topic management (admin)"),
         (name = "consumers", description = "consumer groups (admin)"),

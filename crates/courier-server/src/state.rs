@@ -33,6 +33,8 @@ pub struct AppState {
     pub audit: AuditLog,
     /// Topics seen to exist recently (saves a backend round trip per send).
     pub topics_seen: Arc<RwLock<HashMap<String, Instant>>>,
+    /// Who prepared which half message.
+    pub halves: Arc<crate::halves::Halves>,
 }
 
 /// How long a positive "topic exists" answer is trusted.

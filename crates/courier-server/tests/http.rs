@@ -342,23 +342,18 @@ async fn send_single_and_batch() {
     );
     assert_eq!(v2["data"]["offset"], 1);
 
-    let (s, v) = api
-        .call("POST", "/api/v1/mq/messages", Some(SVC), Some(json!({"topicName": "svc.events", "value": 1, "messageType": "delay", "delaySeconds": 5})))
-        .await;
-    assert_eq!(s, 400);
-    assert!(
-        v["message"].as_str().unwrap().contains("not available"),
-        "{v}"
-    );
-    let (s, _) = api
-        .call(
-            "POST",
-            "/api/v1/mq/messages",
-            Some(SVC),
-            Some(json!({"topicName": "svc.events", "value": 1, "messageType": "transaction"})),
-        )
-        .await;
-    assert_eq!(s, 400);
+    for bad in [
+        json!({"topicName": "svc.events", "value": 1, "messageType": "delay"}),
+        json!({"topicName": "svc.events", "value": 1, "messageType": "delay", "delaySeconds": 0}),
+        json!({"topicName": "svc.events", "value": 1, "messageType": "delay", "delaySeconds": 31536001u64}),
+        json!({"topicName": "svc.events", "value": 1, "messageType": "transaction", "delaySeconds": 5}),
+        json!({"topicName": "svc.events", "value": 1, "messageType": "bogus"}),
+    ] {
+        let (s, v) = api
+            .call("POST", "/api/v1/mq/messages", Some(SVC), Some(bad.clone()))
+            .await;
+        assert_eq!(s, 400, "{bad} -> {v}");
+    }
     let (s, _) = api
         .call(
             "POST",
@@ -1064,5 +1059,258 @@ async fn dead_letters_list_and_retry() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     consumer.stop().await.unwrap();
+    api.stop().await;
+}
+
+/// One HTTP consumer of `group` on `topic` that commits what it fetches.
+struct HttpReader {
+    group: String,
+    topic: String,
+    consumer_id: Option<String>,
+}
+
+impl HttpReader {
+    fn new(group: &str, topic: &str) -> Self {
+        Self {
+            group: group.into(),
+            topic: topic.into(),
+            consumer_id: None,
+        }
+    }
+
+    /// One fetch (waiting up to 500 ms), committed at once.
+    async fn fetch(&mut self, api: &Api) -> Vec<Value> {
+        let mut body = json!({"topics": [self.topic], "maxRecords": 100, "timeoutMs": 500, "autoOffsetReset": "earliest"});
+        if let Some(c) = &self.consumer_id {
+            body["consumerId"] = json!(c);
+        }
+        let path = format!("/api/v1/mq/consumers/{}/fetch", self.group);
+        let (s, v) = api.call("POST", &path, Some(SVC), Some(body)).await;
+        assert_eq!(s, 200, "{v}");
+        let cid = v["data"]["consumerId"].as_str().unwrap().to_string();
+        let records = v["data"]["records"].as_array().unwrap().clone();
+        if !records.is_empty() {
+            let refs: Vec<Value> = records.iter().map(|r| json!({"topicName": r["topicName"], "partition": r["partition"], "offset": r["offset"]})).collect();
+            let path = format!("/api/v1/mq/consumers/{}/commit", self.group);
+            let (s, v) = api
+                .call(
+                    "POST",
+                    &path,
+                    Some(SVC),
+                    Some(json!({"consumerId": cid, "records": refs})),
+                )
+                .await;
+            assert_eq!(s, 200, "{v}");
+        }
+        self.consumer_id = Some(cid);
+        records
+    }
+
+    /// Fetches until a record with message id `id` arrives (20 s at most); returns every
+    /// record fetched on the way (that one included) with the instant each came.
+    async fn until(&mut self, api: &Api, id: &str) -> Vec<(Instant, Value)> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut seen = Vec::new();
+        loop {
+            let batch = self.fetch(api).await;
+            let now = Instant::now();
+            let done = batch.iter().any(|r| r["messageId"] == id);
+            seen.extend(batch.into_iter().map(|r| (now, r)));
+            if done {
+                return seen;
+            }
+            assert!(Instant::now() < deadline, "{id} never arrived: {seen:?}");
+        }
+    }
+}
+
+async fn send_ok(api: &Api, body: Value) -> Value {
+    let (s, v) = api
+        .call("POST", "/api/v1/mq/messages", Some(SVC), Some(body))
+        .await;
+    assert_eq!(s, 200, "{v}");
+    v["data"].clone()
+}
+
+fn ids(records: &[(Instant, Value)]) -> Vec<String> {
+    records
+        .iter()
+        .map(|(_, r)| r["messageId"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delayed_messages_wait_for_their_time() {
+    let api = start().await;
+    let (s, _) = api
+        .admin(
+            "POST",
+            "/api/v1/mq/topics",
+            Some(json!({"name": "svc.later", "partitions": 1})),
+        )
+        .await;
+    assert_eq!(s, 200);
+    let mut reader = HttpReader::new("later-readers", "svc.later");
+    let t0 = Instant::now();
+    let delayed = send_ok(&api, json!({"topicName": "svc.later", "key": "k", "value": {"d": 1}, "messageType": "delay", "delaySeconds": 2})).await;
+    assert_eq!(delayed["topicName"], "svc.later");
+    assert!(
+        delayed["deliverAt"].as_str().unwrap().ends_with('Z'),
+        "{delayed}"
+    );
+    let delayed_id = delayed["messageId"].as_str().unwrap().to_string();
+    let sentinel = send_ok(&api, json!({"topicName": "svc.later", "value": "now"})).await;
+    assert!(sentinel.get("deliverAt").is_none(), "{sentinel}");
+
+    let early = reader
+        .until(&api, sentinel["messageId"].as_str().unwrap())
+        .await;
+    let mut all = early.clone();
+    if !ids(&early).contains(&delayed_id) {
+        all.extend(reader.until(&api, &delayed_id).await);
+    }
+    let (at, rec) = all
+        .iter()
+        .find(|(_, r)| r["messageId"] == delayed_id.as_str())
+        .unwrap();
+    // The due time was set after t0, so it cannot be fetched earlier than t0 + 2 s
+    // (100 ms of slack for wall clock vs monotonic clock).
+    assert!(
+        at.duration_since(t0) >= Duration::from_millis(1900),
+        "delivered after {:?}",
+        at.duration_since(t0)
+    );
+    assert_eq!(rec["value"], json!({"d": 1}));
+    assert_eq!(rec["key"], "k");
+    assert_eq!(
+        ids(&all).iter().filter(|i| **i == delayed_id).count(),
+        1,
+        "once"
+    );
+
+    // The batch form takes delays too.
+    let (s, v) = api
+        .call(
+            "POST",
+            "/api/v1/mq/messages/batch",
+            Some(SVC),
+            Some(json!({"messages": [
+                {"topicName": "svc.later", "value": 1, "messageType": "delay", "delaySeconds": 1},
+                {"topicName": "svc.later", "value": 2},
+            ]})),
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    let results = v["data"]["results"].as_array().unwrap();
+    assert!(results[0]["deliverAt"].is_string());
+    assert!(results[1].get("deliverAt").is_none());
+    assert_eq!(results[0]["topicName"], "svc.later");
+    let later_id = results[0]["messageId"].as_str().unwrap().to_string();
+    reader.until(&api, &later_id).await;
+    let (s, _) = api
+        .call(
+            "POST",
+            "/api/v1/mq/messages/batch",
+            Some(SVC),
+            Some(json!({"messages": [{"topicName": "svc.later", "value": 1, "messageType": "transaction"}]})),
+        )
+        .await;
+    assert_eq!(s, 400, "halves are prepared one at a time");
+    api.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transaction_messages_commit_and_rollback() {
+    let api = start().await;
+    let (s, _) = api
+        .admin(
+            "POST",
+            "/api/v1/mq/topics",
+            Some(json!({"name": "svc.paid", "partitions": 2})),
+        )
+        .await;
+    assert_eq!(s, 200);
+    let mut reader = HttpReader::new("paid-readers", "svc.paid");
+    let h1 = send_ok(&api, json!({"topicName": "svc.paid", "key": "o1", "value": {"order": 1}, "messageType": "transaction"})).await;
+    let h2 = send_ok(&api, json!({"topicName": "svc.paid", "key": "o2", "value": {"order": 2}, "messageType": "transaction"})).await;
+    assert_eq!(h1["topicName"], "svc.paid");
+    let (h1, h2) = (
+        h1["messageId"].as_str().unwrap().to_string(),
+        h2["messageId"].as_str().unwrap().to_string(),
+    );
+    let s1 = send_ok(
+        &api,
+        json!({"topicName": "svc.paid", "key": "o1", "value": "after"}),
+    )
+    .await;
+    let seen = reader.until(&api, s1["messageId"].as_str().unwrap()).await;
+    assert!(
+        !ids(&seen).contains(&h1) && !ids(&seen).contains(&h2),
+        "halves are invisible before commit: {seen:?}"
+    );
+
+    // Only the preparing token (or an admin) decides.
+    let commit1 = format!("/api/v1/mq/transactions/{h1}/commit");
+    let (s, _) = api.call("POST", &commit1, Some(SLOW), None).await;
+    assert_eq!(s, 403, "another token");
+    let (s, _) = api.call("POST", &commit1, None, None).await;
+    assert_eq!(s, 401);
+    let (s, _) = api
+        .call(
+            "POST",
+            "/api/v1/mq/transactions/unknown-id/commit",
+            Some(SVC),
+            None,
+        )
+        .await;
+    assert_eq!(s, 403, "unknown to this server: admin only");
+    let (s, _) = api
+        .admin("POST", "/api/v1/mq/transactions/unknown-id/rollback", None)
+        .await;
+    assert_eq!(
+        s, 200,
+        "an admin may decide any id; unknown ones change nothing"
+    );
+    let (s, _) = api.call("GET", &commit1, Some(SVC), None).await;
+    assert_eq!(s, 405);
+
+    let (s, v) = api.call("POST", &commit1, Some(SVC), None).await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["data"]["transactionId"], h1.as_str());
+    assert_eq!(v["data"]["decision"], "commit");
+    let (s, v) = api
+        .call(
+            "POST",
+            &format!("/api/v1/mq/transactions/{h2}/rollback"),
+            Some(SVC),
+            None,
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["data"]["decision"], "rollback");
+    // A second commit of h1 (now decided) delivers nothing more.
+    let (s, _) = api.admin("POST", &commit1, None).await;
+    assert_eq!(s, 200);
+
+    let mut seen = reader.until(&api, &h1).await;
+    let got = seen
+        .iter()
+        .find(|(_, r)| r["messageId"] == h1.as_str())
+        .unwrap();
+    assert_eq!(got.1["value"], json!({"order": 1}));
+    assert_eq!(got.1["key"], "o1");
+    let s2 = send_ok(
+        &api,
+        json!({"topicName": "svc.paid", "key": "o2", "value": "end"}),
+    )
+    .await;
+    seen.extend(reader.until(&api, s2["messageId"].as_str().unwrap()).await);
+    let all = ids(&seen);
+    assert_eq!(
+        all.iter().filter(|i| **i == h1).count(),
+        1,
+        "committed: once"
+    );
+    assert!(!all.contains(&h2), "rolled back: never");
     api.stop().await;
 }
