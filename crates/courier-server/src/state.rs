@@ -37,6 +37,20 @@ pub struct AppState {
     pub halves: Arc<crate::halves::Halves>,
 }
 
+/// Prefix of Courier's own topics (the schedule log of delayed and half messages).
+const INTERNAL_PREFIX: &str = "__courier.";
+
+/// 400 for Courier's internal topics: writing to them by hand would corrupt the
+/// scheduler's state.
+pub fn refuse_internal(topic: &str) -> Result<(), crate::envelope::ApiError> {
+    if topic.starts_with(INTERNAL_PREFIX) {
+        return Err(crate::envelope::ApiError::bad_request(format!(
+            "topic {topic:?} is internal to Courier"
+        )));
+    }
+    Ok(())
+}
+
 /// How long a positive "topic exists" answer is trusted.
 const TOPIC_CACHE_TTL: Duration = Duration::from_secs(5);
 

@@ -938,6 +938,14 @@ async fn dead_letters_list_and_retry() {
     let (s, _) = api.admin("GET", "/api/v1/mq/dead-letters", None).await;
     assert_eq!(s, 400, "topicName is required");
     let (s, _) = api
+        .admin(
+            "GET",
+            "/api/v1/mq/dead-letters?topicName=__courier.schedule.default",
+            None,
+        )
+        .await;
+    assert_eq!(s, 400, "internal topic");
+    let (s, _) = api
         .admin("GET", "/api/v1/mq/dead-letters?topicName=bad%20name", None)
         .await;
     assert_eq!(s, 400);
@@ -1248,6 +1256,16 @@ async fn transaction_messages_commit_and_rollback() {
         !ids(&seen).contains(&h1) && !ids(&seen).contains(&h2),
         "halves are invisible before commit: {seen:?}"
     );
+
+    // Courier's own schedule log is not writable through the API, not even by admins.
+    let (s, v) = api
+        .admin(
+            "POST",
+            "/api/v1/mq/messages",
+            Some(json!({"topicName": "__courier.schedule.default", "value": 1, "messageType": "transaction"})),
+        )
+        .await;
+    assert_eq!(s, 400, "{v}");
 
     // Only the preparing token (or an admin) decides.
     let commit1 = format!("/api/v1/mq/transactions/{h1}/commit");

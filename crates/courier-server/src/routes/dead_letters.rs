@@ -215,6 +215,7 @@ pub struct RetryResult {
 /// dead-letter topic); else `{name}.dlq` (which has no letters yet).
 async fn resolve(state: &AppState, name: &str) -> ApiResult<String> {
     courier::validate_topic(name)?;
+    crate::state::refuse_internal(name)?;
     if name.ends_with(".dlq") {
         return Ok(name.to_string());
     }
@@ -236,7 +237,7 @@ async fn resolve(state: &AppState, name: &str) -> ApiResult<String> {
     params(DeadLetterQuery),
     responses(
         (status = 200, description = "letters (none when the topic does not exist)", body = Envelope<DeadLetterList>),
-        (status = 400, description = "invalid query", body = ErrorEnvelope),
+        (status = 400, description = "invalid query, or an internal topic", body = ErrorEnvelope),
         (status = 401, description = "no or bad token", body = ErrorEnvelope),
         (status = 403, description = "not an admin token", body = ErrorEnvelope),
         (status = 429, description = "rate limit", body = ErrorEnvelope),

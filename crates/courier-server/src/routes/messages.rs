@@ -146,6 +146,7 @@ fn to_message(p: &Principal, req: SendMessageRequest) -> Result<(Message, Messag
     if req.topic_name.is_empty() {
         return Err(ApiError::bad_request("topicName must not be empty"));
     }
+    crate::state::refuse_internal(&req.topic_name)?;
     p.check_topic(&req.topic_name)?;
     let value = bytes::Bytes::from(Box::<str>::from(req.value).into_boxed_bytes());
     let mut msg = Message::new(req.topic_name, value);
@@ -168,7 +169,7 @@ fn to_message(p: &Principal, req: SendMessageRequest) -> Result<(Message, Messag
     security(("bearer" = [])),
     responses(
         (status = 200, description = "stored", body = Envelope<SendResult>),
-        (status = 400, description = "invalid message (or delaySeconds without messageType delay)", body = ErrorEnvelope),
+        (status = 400, description = "invalid message, delaySeconds without messageType delay, or an internal topic", body = ErrorEnvelope),
         (status = 401, description = "no or bad token", body = ErrorEnvelope),
         (status = 403, description = "topic not granted, or client address not allowed", body = ErrorEnvelope),
         (status = 404, description = "topic does not exist", body = ErrorEnvelope),
