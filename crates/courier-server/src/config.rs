@@ -95,6 +95,9 @@ pub struct ServerConfig {
     pub max_poll_ms: u64,
     /// An HTTP consumer that has not fetched for this long leaves its group (ms).
     pub member_timeout_ms: u64,
+    /// The fastest a `POST /dead-letters/retry` re-publishes letters (per second);
+    /// requested rates above it, and "no limit", are cut to it.
+    pub max_redrive_per_second: u32,
 }
 
 impl Default for ServerConfig {
@@ -113,6 +116,7 @@ impl Default for ServerConfig {
             visibility_timeout_ms: 30_000,
             max_poll_ms: 30_000,
             member_timeout_ms: 60_000,
+            max_redrive_per_second: 1_000,
         }
     }
 }
@@ -148,6 +152,9 @@ impl ServerConfig {
         }
         if self.max_body_bytes < 1024 {
             anyhow::bail!("maxBodyBytes must be at least 1024");
+        }
+        if self.max_redrive_per_second == 0 {
+            anyhow::bail!("maxRedrivePerSecond must be at least 1");
         }
         if self.max_batch == 0 {
             anyhow::bail!("maxBatch must be at least 1");

@@ -13,10 +13,12 @@ mod config;
 mod consume;
 mod envelope;
 mod extract;
+mod halves;
 mod metrics;
 mod monitor;
 mod net;
 mod openapi;
+mod payload;
 mod routes;
 mod state;
 mod time;
@@ -44,6 +46,7 @@ pub use RunningServer as Server;
 use crate::envelope::ApiError;
 use crate::routes::{
     consume as consume_routes, dead_letters, groups, health, messages, monitoring, topics,
+    transactions,
 };
 use crate::state::AppState;
 
@@ -137,6 +140,8 @@ fn router(state: AppState) -> Router {
     let service = Router::new()
         .route("/messages", post(messages::send))
         .route("/messages/batch", post(messages::send_batch))
+        .route("/transactions/{id}/commit", post(transactions::commit))
+        .route("/transactions/{id}/rollback", post(transactions::rollback))
         .route("/consumers/{groupId}/fetch", post(consume_routes::fetch))
         .route("/consumers/{groupId}/commit", post(consume_routes::commit))
         .route(
@@ -209,6 +214,7 @@ pub async fn start(client: Client, opts: ServeOptions) -> anyhow::Result<Running
         config: config.clone(),
         audit,
         topics_seen: Default::default(),
+        halves: Default::default(),
         client,
     };
     let background = CancellationToken::new();

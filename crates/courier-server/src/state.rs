@@ -33,6 +33,22 @@ pub struct AppState {
     pub audit: AuditLog,
     /// Topics seen to exist recently (saves a backend round trip per send).
     pub topics_seen: Arc<RwLock<HashMap<String, Instant>>>,
+    /// Who prepared which half message.
+    pub halves: Arc<crate::halves::Halves>,
+}
+
+/// Prefix of Courier's own topics (the schedule log of delayed and half messages).
+const INTERNAL_PREFIX: &str = "__courier.";
+
+/// 400 for Courier's internal topics: writing to them by hand would corrupt the
+/// scheduler's state.
+pub fn refuse_internal(topic: &str) -> Result<(), crate::envelope::ApiError> {
+    if topic.starts_with(INTERNAL_PREFIX) {
+        return Err(crate::envelope::ApiError::bad_request(format!(
+            "topic {topic:?} is internal to Courier"
+        )));
+    }
+    Ok(())
 }
 
 /// How long a positive "topic exists" answer is trusted.

@@ -342,23 +342,18 @@ async fn send_single_and_batch() {
     );
     assert_eq!(v2["data"]["offset"], 1);
 
-    let (s, v) = api
-        .call("POST", "/api/v1/mq/messages", Some(SVC), Some(json!({"topicName": "svc.events", "value": 1, "messageType": "delay", "delaySeconds": 5})))
-        .await;
-    assert_eq!(s, 400);
-    assert!(
-        v["message"].as_str().unwrap().contains("not available"),
-        "{v}"
-    );
-    let (s, _) = api
-        .call(
-            "POST",
-            "/api/v1/mq/messages",
-            Some(SVC),
-            Some(json!({"topicName": "svc.events", "value": 1, "messageType": "transaction"})),
-        )
-        .await;
-    assert_eq!(s, 400);
+    for bad in [
+        json!({"topicName": "svc.events", "value": 1, "messageType": "delay"}),
+        json!({"topicName": "svc.events", "value": 1, "messageType": "delay", "delaySeconds": 0}),
+        json!({"topicName": "svc.events", "value": 1, "messageType": "delay", "delaySeconds": 31536001u64}),
+        json!({"topicName": "svc.events", "value": 1, "messageType": "transaction", "delaySeconds": 5}),
+        json!({"topicName": "svc.events", "value": 1, "messageType": "bogus"}),
+    ] {
+        let (s, v) = api
+            .call("POST", "/api/v1/mq/messages", Some(SVC), Some(bad.clone()))
+            .await;
+        assert_eq!(s, 400, "{bad} -> {v}");
+    }
     let (s, _) = api
         .call(
             "POST",
@@ -823,4 +818,517 @@ async fn generated_admin_token_is_stored_hashed() {
     assert_eq!(r.status(), 200, "the token still works after a restart");
     s2.shutdown(Duration::from_secs(5)).await.unwrap();
     client.shutdown(Duration::from_secs(5)).await.unwrap();
+}
+
+/// Polls `GET path` as admin until `done` holds for the answer (20 s at most).
+async fn admin_until(api: &Api, path: &str, done: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (s, v) = api.admin("GET", path, None).await;
+        assert_eq!(s, 200, "{v}");
+        if done(&v) {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "gave up waiting on {path}: {v}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_list_and_retry() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    let api = start_with(|c, _| c.max_redrive_per_second = 50).await;
+    let (s, _) = api
+        .admin(
+            "POST",
+            "/api/v1/mq/topics",
+            Some(json!({"name": "svc.jobs", "partitions": 2})),
+        )
+        .await;
+    assert_eq!(s, 200);
+    let healed = Arc::new(AtomicBool::new(false));
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let h = healed.clone();
+    let consumer = api
+        .client
+        .consumer("dlq-workers")
+        .from_earliest()
+        .retry(courier::Backoff::exponential(1, Duration::from_millis(20)))
+        .start(["svc.jobs"], move |d: courier::Delivery| {
+            let (h, tx) = (h.clone(), tx.clone());
+            async move {
+                if !h.load(Ordering::SeqCst) {
+                    return Err(courier::Error::InvalidArgument("cannot digest job".into()));
+                }
+                let _ = tx.send((d.id.clone(), d.value.clone()));
+                Ok(())
+            }
+        })
+        .await
+        .unwrap();
+    let (s, v) = api
+        .call(
+            "POST",
+            "/api/v1/mq/messages",
+            Some(SVC),
+            Some(json!({"topicName": "svc.jobs", "key": "job-1", "value": {"job": 1}, "headers": {"source": "tests"}})),
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    let sent = v["data"].clone();
+
+    // Listed by the original topic's name (its DLQ is svc.jobs.dlq) once given up.
+    let v = admin_until(&api, "/api/v1/mq/dead-letters?topicName=svc.jobs", |v| {
+        v["data"]["total"] == 1
+    })
+    .await;
+    assert_eq!(v["data"]["dlqTopic"], "svc.jobs.dlq");
+    let l = &v["data"]["letters"][0];
+    assert_eq!(l["originalTopic"], "svc.jobs");
+    assert_eq!(l["originalPartition"], sent["partition"]);
+    assert_eq!(l["originalOffset"], sent["offset"]);
+    assert_eq!(l["originalId"], sent["messageId"]);
+    assert_eq!(l["groupId"], "dlq-workers");
+    assert_eq!(l["retryCount"], 1);
+    assert!(
+        l["errorMessage"]
+            .as_str()
+            .unwrap()
+            .contains("cannot digest job"),
+        "{l}"
+    );
+    assert!(l["failedAt"].as_str().unwrap().ends_with('Z'));
+    assert_eq!(l["key"], "job-1");
+    assert_eq!(l["value"], json!({"job": 1}));
+    assert_eq!(l["valueEncoding"], "json");
+    assert_eq!(l["headers"]["source"], "tests");
+    assert!(l["headers"].get("x-original-topic").is_none(), "{l}");
+    let id = l["id"].as_str().unwrap().to_string();
+
+    // Same letter by the DLQ's own name; filters apply.
+    let (_, v) = api
+        .admin(
+            "GET",
+            "/api/v1/mq/dead-letters?topicName=svc.jobs.dlq&groupId=dlq-workers&errorContains=digest",
+            None,
+        )
+        .await;
+    assert_eq!(v["data"]["total"], 1, "{v}");
+    let (_, v) = api
+        .admin(
+            "GET",
+            "/api/v1/mq/dead-letters?topicName=svc.jobs.dlq&groupId=other",
+            None,
+        )
+        .await;
+    assert_eq!(v["data"]["total"], 0, "{v}");
+    assert_eq!(v["data"]["letters"], json!([]));
+    let (_, v) = api
+        .admin(
+            "GET",
+            "/api/v1/mq/dead-letters?topicName=nothing.here",
+            None,
+        )
+        .await;
+    assert_eq!(v["data"]["total"], 0, "a missing DLQ has no letters: {v}");
+
+    // Errors: bad query, bad bodies, non-admin, no token.
+    let (s, _) = api.admin("GET", "/api/v1/mq/dead-letters", None).await;
+    assert_eq!(s, 400, "topicName is required");
+    let (s, _) = api
+        .admin(
+            "GET",
+            "/api/v1/mq/dead-letters?topicName=__courier.schedule.default",
+            None,
+        )
+        .await;
+    assert_eq!(s, 400, "internal topic");
+    let (s, _) = api
+        .admin("GET", "/api/v1/mq/dead-letters?topicName=bad%20name", None)
+        .await;
+    assert_eq!(s, 400);
+    let (s, _) = api
+        .admin(
+            "GET",
+            "/api/v1/mq/dead-letters?topicName=svc.jobs&limit=0",
+            None,
+        )
+        .await;
+    assert_eq!(s, 400);
+    for body in [
+        json!({"topicName": "svc.jobs"}),
+        json!({"topicName": "svc.jobs", "all": true, "ids": [id]}),
+        json!({"topicName": "svc.jobs", "ids": []}),
+        json!({"topicName": "svc.jobs", "all": true, "ratePerSecond": 0}),
+        json!({"topicName": "svc.jobs", "all": true, "bogus": 1}),
+    ] {
+        let (s, v) = api
+            .admin("POST", "/api/v1/mq/dead-letters/retry", Some(body.clone()))
+            .await;
+        assert_eq!(s, 400, "{body} -> {v}");
+    }
+    let retry =
+        json!({"topicName": "svc.jobs", "ids": [id, "no-such-letter"], "ratePerSecond": 1000});
+    let (s, _) = api
+        .call(
+            "POST",
+            "/api/v1/mq/dead-letters/retry",
+            Some(SVC),
+            Some(retry.clone()),
+        )
+        .await;
+    assert_eq!(s, 403);
+    let (s, _) = api
+        .call(
+            "GET",
+            "/api/v1/mq/dead-letters?topicName=svc.jobs",
+            Some(SVC),
+            None,
+        )
+        .await;
+    assert_eq!(s, 403);
+    let (s, _) = api
+        .call(
+            "POST",
+            "/api/v1/mq/dead-letters/retry",
+            None,
+            Some(retry.clone()),
+        )
+        .await;
+    assert_eq!(s, 401);
+    let (s, _) = api
+        .call(
+            "GET",
+            "/api/v1/mq/dead-letters?topicName=svc.jobs",
+            Some("wrong-token"),
+            None,
+        )
+        .await;
+    assert_eq!(s, 401);
+    assert_eq!(rx.try_recv().ok(), None, "nothing consumed while refused");
+
+    // Re-drive: back on svc.jobs under its original id, consumed by the healed group.
+    healed.store(true, Ordering::SeqCst);
+    let (s, v) = api
+        .admin("POST", "/api/v1/mq/dead-letters/retry", Some(retry))
+        .await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["data"]["dlqTopic"], "svc.jobs.dlq");
+    assert_eq!(v["data"]["ratePerSecond"], 50, "capped by the server");
+    assert_eq!(v["data"]["redriven"], json!([id]));
+    assert_eq!(v["data"]["failed"], json!([]));
+    assert_eq!(v["data"]["notFound"], json!(["no-such-letter"]));
+    let (got_id, got_value) = tokio::time::timeout(Duration::from_secs(20), rx.recv())
+        .await
+        .expect("re-driven message consumed")
+        .unwrap();
+    assert_eq!(got_id, sent["messageId"].as_str().unwrap());
+    assert_eq!(&got_value[..], br#"{"job":1}"#);
+    let (_, v) = api
+        .admin("GET", "/api/v1/mq/dead-letters?topicName=svc.jobs", None)
+        .await;
+    assert_eq!(
+        v["data"]["total"], 0,
+        "re-driven letters are not listed: {v}"
+    );
+    let (s, v) = api
+        .admin(
+            "POST",
+            "/api/v1/mq/dead-letters/retry",
+            Some(json!({"topicName": "svc.jobs.dlq", "all": true})),
+        )
+        .await;
+    assert_eq!(s, 200);
+    assert_eq!(v["data"]["redriven"], json!([]), "nothing left: {v}");
+
+    // Both the refused and the allowed re-drives are in the audit log (written
+    // asynchronously, hence the wait).
+    let audit_path = api._dir.path().join("audit.log");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let audit = std::fs::read_to_string(&audit_path).unwrap_or_default();
+        let retries: Vec<Value> = audit
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|r| r["action"] == "POST /api/v1/mq/dead-letters/retry")
+            .collect();
+        let allowed = retries
+            .iter()
+            .any(|r| r["who"] == "env-admin" && r["result"] == "ok");
+        let denied = retries
+            .iter()
+            .any(|r| r["who"] == "svc" && r["result"] == "denied");
+        if allowed && denied {
+            break;
+        }
+        assert!(Instant::now() < deadline, "re-drives not audited: {audit}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    consumer.stop().await.unwrap();
+    api.stop().await;
+}
+
+/// One HTTP consumer of `group` on `topic` that commits what it fetches.
+struct HttpReader {
+    group: String,
+    topic: String,
+    consumer_id: Option<String>,
+}
+
+impl HttpReader {
+    fn new(group: &str, topic: &str) -> Self {
+        Self {
+            group: group.into(),
+            topic: topic.into(),
+            consumer_id: None,
+        }
+    }
+
+    /// One fetch (waiting up to 500 ms), committed at once.
+    async fn fetch(&mut self, api: &Api) -> Vec<Value> {
+        let mut body = json!({"topics": [self.topic], "maxRecords": 100, "timeoutMs": 500, "autoOffsetReset": "earliest"});
+        if let Some(c) = &self.consumer_id {
+            body["consumerId"] = json!(c);
+        }
+        let path = format!("/api/v1/mq/consumers/{}/fetch", self.group);
+        let (s, v) = api.call("POST", &path, Some(SVC), Some(body)).await;
+        assert_eq!(s, 200, "{v}");
+        let cid = v["data"]["consumerId"].as_str().unwrap().to_string();
+        let records = v["data"]["records"].as_array().unwrap().clone();
+        if !records.is_empty() {
+            let refs: Vec<Value> = records.iter().map(|r| json!({"topicName": r["topicName"], "partition": r["partition"], "offset": r["offset"]})).collect();
+            let path = format!("/api/v1/mq/consumers/{}/commit", self.group);
+            let (s, v) = api
+                .call(
+                    "POST",
+                    &path,
+                    Some(SVC),
+                    Some(json!({"consumerId": cid, "records": refs})),
+                )
+                .await;
+            assert_eq!(s, 200, "{v}");
+        }
+        self.consumer_id = Some(cid);
+        records
+    }
+
+    /// Fetches until a record with message id `id` arrives (20 s at most); returns every
+    /// record fetched on the way (that one included) with the instant each came.
+    async fn until(&mut self, api: &Api, id: &str) -> Vec<(Instant, Value)> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut seen = Vec::new();
+        loop {
+            let batch = self.fetch(api).await;
+            let now = Instant::now();
+            let done = batch.iter().any(|r| r["messageId"] == id);
+            seen.extend(batch.into_iter().map(|r| (now, r)));
+            if done {
+                return seen;
+            }
+            assert!(Instant::now() < deadline, "{id} never arrived: {seen:?}");
+        }
+    }
+}
+
+async fn send_ok(api: &Api, body: Value) -> Value {
+    let (s, v) = api
+        .call("POST", "/api/v1/mq/messages", Some(SVC), Some(body))
+        .await;
+    assert_eq!(s, 200, "{v}");
+    v["data"].clone()
+}
+
+fn ids(records: &[(Instant, Value)]) -> Vec<String> {
+    records
+        .iter()
+        .map(|(_, r)| r["messageId"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delayed_messages_wait_for_their_time() {
+    let api = start().await;
+    let (s, _) = api
+        .admin(
+            "POST",
+            "/api/v1/mq/topics",
+            Some(json!({"name": "svc.later", "partitions": 1})),
+        )
+        .await;
+    assert_eq!(s, 200);
+    let mut reader = HttpReader::new("later-readers", "svc.later");
+    let t0 = Instant::now();
+    let delayed = send_ok(&api, json!({"topicName": "svc.later", "key": "k", "value": {"d": 1}, "messageType": "delay", "delaySeconds": 2})).await;
+    assert_eq!(delayed["topicName"], "svc.later");
+    assert!(
+        delayed["deliverAt"].as_str().unwrap().ends_with('Z'),
+        "{delayed}"
+    );
+    let delayed_id = delayed["messageId"].as_str().unwrap().to_string();
+    let sentinel = send_ok(&api, json!({"topicName": "svc.later", "value": "now"})).await;
+    assert!(sentinel.get("deliverAt").is_none(), "{sentinel}");
+
+    let early = reader
+        .until(&api, sentinel["messageId"].as_str().unwrap())
+        .await;
+    let mut all = early.clone();
+    if !ids(&early).contains(&delayed_id) {
+        all.extend(reader.until(&api, &delayed_id).await);
+    }
+    let (at, rec) = all
+        .iter()
+        .find(|(_, r)| r["messageId"] == delayed_id.as_str())
+        .unwrap();
+    // The due time was set after t0, so it cannot be fetched earlier than t0 + 2 s
+    // (100 ms of slack for wall clock vs monotonic clock).
+    assert!(
+        at.duration_since(t0) >= Duration::from_millis(1900),
+        "delivered after {:?}",
+        at.duration_since(t0)
+    );
+    assert_eq!(rec["value"], json!({"d": 1}));
+    assert_eq!(rec["key"], "k");
+    assert_eq!(
+        ids(&all).iter().filter(|i| **i == delayed_id).count(),
+        1,
+        "once"
+    );
+
+    // The batch form takes delays too.
+    let (s, v) = api
+        .call(
+            "POST",
+            "/api/v1/mq/messages/batch",
+            Some(SVC),
+            Some(json!({"messages": [
+                {"topicName": "svc.later", "value": 1, "messageType": "delay", "delaySeconds": 1},
+                {"topicName": "svc.later", "value": 2},
+            ]})),
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    let results = v["data"]["results"].as_array().unwrap();
+    assert!(results[0]["deliverAt"].is_string());
+    assert!(results[1].get("deliverAt").is_none());
+    assert_eq!(results[0]["topicName"], "svc.later");
+    let later_id = results[0]["messageId"].as_str().unwrap().to_string();
+    reader.until(&api, &later_id).await;
+    let (s, _) = api
+        .call(
+            "POST",
+            "/api/v1/mq/messages/batch",
+            Some(SVC),
+            Some(json!({"messages": [{"topicName": "svc.later", "value": 1, "messageType": "transaction"}]})),
+        )
+        .await;
+    assert_eq!(s, 400, "halves are prepared one at a time");
+    api.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transaction_messages_commit_and_rollback() {
+    let api = start().await;
+    let (s, _) = api
+        .admin(
+            "POST",
+            "/api/v1/mq/topics",
+            Some(json!({"name": "svc.paid", "partitions": 2})),
+        )
+        .await;
+    assert_eq!(s, 200);
+    let mut reader = HttpReader::new("paid-readers", "svc.paid");
+    let h1 = send_ok(&api, json!({"topicName": "svc.paid", "key": "o1", "value": {"order": 1}, "messageType": "transaction"})).await;
+    let h2 = send_ok(&api, json!({"topicName": "svc.paid", "key": "o2", "value": {"order": 2}, "messageType": "transaction"})).await;
+    assert_eq!(h1["topicName"], "svc.paid");
+    let (h1, h2) = (
+        h1["messageId"].as_str().unwrap().to_string(),
+        h2["messageId"].as_str().unwrap().to_string(),
+    );
+    let s1 = send_ok(
+        &api,
+        json!({"topicName": "svc.paid", "key": "o1", "value": "after"}),
+    )
+    .await;
+    let seen = reader.until(&api, s1["messageId"].as_str().unwrap()).await;
+    assert!(
+        !ids(&seen).contains(&h1) && !ids(&seen).contains(&h2),
+        "halves are invisible before commit: {seen:?}"
+    );
+
+    // Courier's own schedule log is not writable through the API, not even by admins.
+    let (s, v) = api
+        .admin(
+            "POST",
+            "/api/v1/mq/messages",
+            Some(json!({"topicName": "__courier.schedule.default", "value": 1, "messageType": "transaction"})),
+        )
+        .await;
+    assert_eq!(s, 400, "{v}");
+
+    // Only the preparing token (or an admin) decides.
+    let commit1 = format!("/api/v1/mq/transactions/{h1}/commit");
+    let (s, _) = api.call("POST", &commit1, Some(SLOW), None).await;
+    assert_eq!(s, 403, "another token");
+    let (s, _) = api.call("POST", &commit1, None, None).await;
+    assert_eq!(s, 401);
+    let (s, _) = api
+        .call(
+            "POST",
+            "/api/v1/mq/transactions/unknown-id/commit",
+            Some(SVC),
+            None,
+        )
+        .await;
+    assert_eq!(s, 403, "unknown to this server: admin only");
+    let (s, _) = api
+        .admin("POST", "/api/v1/mq/transactions/unknown-id/rollback", None)
+        .await;
+    assert_eq!(
+        s, 200,
+        "an admin may decide any id; unknown ones change nothing"
+    );
+    let (s, _) = api.call("GET", &commit1, Some(SVC), None).await;
+    assert_eq!(s, 405);
+
+    let (s, v) = api.call("POST", &commit1, Some(SVC), None).await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["data"]["transactionId"], h1.as_str());
+    assert_eq!(v["data"]["decision"], "commit");
+    let (s, v) = api
+        .call(
+            "POST",
+            &format!("/api/v1/mq/transactions/{h2}/rollback"),
+            Some(SVC),
+            None,
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["data"]["decision"], "rollback");
+    // A second commit of h1 (now decided) delivers nothing more.
+    let (s, _) = api.admin("POST", &commit1, None).await;
+    assert_eq!(s, 200);
+
+    let mut seen = reader.until(&api, &h1).await;
+    let got = seen
+        .iter()
+        .find(|(_, r)| r["messageId"] == h1.as_str())
+        .unwrap();
+    assert_eq!(got.1["value"], json!({"order": 1}));
+    assert_eq!(got.1["key"], "o1");
+    let s2 = send_ok(
+        &api,
+        json!({"topicName": "svc.paid", "key": "o2", "value": "end"}),
+    )
+    .await;
+    seen.extend(reader.until(&api, s2["messageId"].as_str().unwrap()).await);
+    let all = ids(&seen);
+    assert_eq!(
+        all.iter().filter(|i| **i == h1).count(),
+        1,
+        "committed: once"
+    );
+    assert!(!all.contains(&h2), "rolled back: never");
+    api.stop().await;
 }

@@ -66,7 +66,10 @@ async fn schemathesis_finds_no_server_error_and_no_schema_violation() {
     let report = dir.path().join("report");
     let work = dir.path().to_path_buf();
     let out = tokio::task::spawn_blocking(move || {
-        Command::new(bin)
+        // Through the venv's interpreter rather than the script's shebang, which names
+        // the absolute path the venv was created at (stale when `target/` is copied).
+        Command::new(venv().join("bin/python3"))
+            .arg(bin)
             .arg("run")
             .arg(&url)
             .args(["--checks", "not_a_server_error,response_schema_conformance"])

@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use axum::extract::State;
 use axum::{Extension, Json};
-use base64::Engine;
 use courier::OffsetReset;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
@@ -92,28 +91,8 @@ pub struct FetchedRecord {
 
 fn record(f: Fetched) -> FetchedRecord {
     let d = f.delivery;
-    let (key, key_encoding) = match d.key.as_deref() {
-        None => (None, "text"),
-        Some(k) => match std::str::from_utf8(k) {
-            Ok(s) => (Some(s.to_string()), "text"),
-            Err(_) => (
-                Some(base64::engine::general_purpose::STANDARD.encode(k)),
-                "base64",
-            ),
-        },
-    };
-    let as_string = |s: &str| RawValue::from_string(serde_json::to_string(s).unwrap_or_default());
-    let (value, value_encoding) = match std::str::from_utf8(&d.value) {
-        Ok(text) => match RawValue::from_string(text.to_string()) {
-            Ok(raw) => (Ok(raw), "json"),
-            Err(_) => (as_string(text), "text"),
-        },
-        Err(_) => (
-            as_string(&base64::engine::general_purpose::STANDARD.encode(&d.value)),
-            "base64",
-        ),
-    };
-    let value = value.unwrap_or_else(|_| RawValue::from_string("null".into()).unwrap_or_default());
+    let (key, key_encoding) = crate::payload::key(d.key.as_deref());
+    let (value, value_encoding) = crate::payload::value(&d.value);
     FetchedRecord {
         topic_name: d.topic.to_string(),
         partition: d.partition,

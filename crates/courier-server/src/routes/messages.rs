@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::State;
 use axum::{Extension, Json};
@@ -23,9 +24,10 @@ pub enum MessageType {
     /// Visible at once.
     #[default]
     Normal,
-    /// Visible after `delaySeconds` (not available on this server yet: 400).
+    /// Visible `delaySeconds` after it is stored (not before; promptly after).
     Delay,
-    /// Two-phase transactional message (not available on this server yet: 400).
+    /// Two-phase transactional (half) message: stored but invisible until
+    /// `POST /transactions/{messageId}/commit`; `/rollback` discards it.
     Transaction,
 }
 
@@ -45,13 +47,13 @@ pub struct SendMessageRequest {
     /// Headers, delivered unchanged.
     #[serde(default)]
     pub headers: Option<BTreeMap<String, String>>,
-    /// `normal` (default); `delay` and `transaction` are refused until this server
-    /// supports them.
+    /// `normal` (default), `delay` or `transaction` (single sends only).
     #[serde(default)]
     pub message_type: Option<MessageType>,
-    /// Delay for `messageType: delay`; must be 0 (or absent) otherwise.
+    /// Delay for `messageType: delay` (at least 1, at most one year); must be 0 (or
+    /// absent) otherwise.
     #[serde(default)]
-    #[schema(minimum = 0)]
+    #[schema(minimum = 0, maximum = 31536000)]
     pub delay_seconds: Option<u64>,
 }
 
@@ -59,16 +61,21 @@ pub struct SendMessageRequest {
 #[derive(Debug, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SendResult {
-    /// Unique message id (ULID).
+    /// Unique message id (ULID); for a transaction message, the half id to commit or
+    /// roll back (the message is delivered under this id).
     pub message_id: String,
     /// Topic.
     pub topic_name: String,
-    /// Partition.
+    /// Partition (for delay and transaction messages: of the schedule log holding it
+    /// until it is due or committed).
     pub partition: u32,
-    /// Offset within the partition.
+    /// Offset within that partition.
     pub offset: u64,
     /// Store time, RFC 3339.
     pub timestamp: String,
+    /// For delay messages: when it becomes visible, RFC 3339.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub deliver_at: Option<String>,
 }
 
 impl From<Receipt> for SendResult {
@@ -79,9 +86,25 @@ impl From<Receipt> for SendResult {
             partition: r.partition,
             offset: r.offset,
             timestamp: rfc3339(r.timestamp),
+            deliver_at: None,
         }
     }
 }
+
+impl SendResult {
+    /// The result for `msg` stored with `receipt`: names the target topic (a delayed
+    /// or half message's receipt names the schedule log) and the due time.
+    fn of(msg_topic: String, deliver_at: Option<i64>, receipt: Receipt) -> Self {
+        Self {
+            topic_name: msg_topic,
+            deliver_at: deliver_at.map(rfc3339),
+            ..receipt.into()
+        }
+    }
+}
+
+/// The longest accepted `delaySeconds` (one year).
+const MAX_DELAY_SECONDS: u64 = 365 * 24 * 3600;
 
 /// Many messages in one request.
 #[derive(Debug, Deserialize, ToSchema)]
@@ -99,26 +122,31 @@ pub struct SendBatchResult {
     pub results: Vec<SendResult>,
 }
 
-fn to_message(p: &Principal, req: SendMessageRequest) -> Result<Message, ApiError> {
-    match req.message_type.unwrap_or_default() {
-        MessageType::Normal => {}
-        MessageType::Delay => {
+fn to_message(p: &Principal, req: SendMessageRequest) -> Result<(Message, MessageType), ApiError> {
+    let kind = req.message_type.unwrap_or_default();
+    let delay = req.delay_seconds.unwrap_or(0);
+    match kind {
+        MessageType::Delay if delay == 0 => {
             return Err(ApiError::bad_request(
-                "messageType \"delay\" is not available on this server yet; send normal messages",
+                "messageType \"delay\" needs delaySeconds of at least 1",
             ))
         }
-        MessageType::Transaction => return Err(ApiError::bad_request(
-            "messageType \"transaction\" is not available on this server yet; send normal messages",
-        )),
-    }
-    if req.delay_seconds.unwrap_or(0) != 0 {
-        return Err(ApiError::bad_request(
-            "delaySeconds needs messageType \"delay\", which is not available on this server yet",
-        ));
+        MessageType::Delay if delay > MAX_DELAY_SECONDS => {
+            return Err(ApiError::bad_request(format!(
+                "delaySeconds must be at most {MAX_DELAY_SECONDS}"
+            )))
+        }
+        MessageType::Normal | MessageType::Transaction if delay != 0 => {
+            return Err(ApiError::bad_request(
+                "delaySeconds needs messageType \"delay\"",
+            ))
+        }
+        _ => {}
     }
     if req.topic_name.is_empty() {
         return Err(ApiError::bad_request("topicName must not be empty"));
     }
+    crate::state::refuse_internal(&req.topic_name)?;
     p.check_topic(&req.topic_name)?;
     let value = bytes::Bytes::from(Box::<str>::from(req.value).into_boxed_bytes());
     let mut msg = Message::new(req.topic_name, value);
@@ -128,7 +156,10 @@ fn to_message(p: &Principal, req: SendMessageRequest) -> Result<Message, ApiErro
     for (k, v) in req.headers.unwrap_or_default() {
         msg = msg.header(k, v);
     }
-    Ok(msg)
+    if kind == MessageType::Delay {
+        msg = msg.delay(Duration::from_secs(delay));
+    }
+    Ok((msg, kind))
 }
 
 /// Sends one message; answers after it is stored.
@@ -138,7 +169,7 @@ fn to_message(p: &Principal, req: SendMessageRequest) -> Result<Message, ApiErro
     security(("bearer" = [])),
     responses(
         (status = 200, description = "stored", body = Envelope<SendResult>),
-        (status = 400, description = "invalid message, or a messageType this server does not offer yet", body = ErrorEnvelope),
+        (status = 400, description = "invalid message, delaySeconds without messageType delay, or an internal topic", body = ErrorEnvelope),
         (status = 401, description = "no or bad token", body = ErrorEnvelope),
         (status = 403, description = "topic not granted, or client address not allowed", body = ErrorEnvelope),
         (status = 404, description = "topic does not exist", body = ErrorEnvelope),
@@ -152,10 +183,30 @@ pub async fn send(
     Extension(p): Extension<Arc<Principal>>,
     ApiJson(req): ApiJson<SendMessageRequest>,
 ) -> ApiResult<Json<Envelope<SendResult>>> {
-    let msg = to_message(&p, req)?;
+    let (msg, kind) = to_message(&p, req)?;
     state.require_topic(&msg.topic).await?;
-    let receipt = state.producer.send(msg).await?;
-    Ok(ok("message sent", receipt.into()))
+    let (topic, deliver_at) = (msg.topic.clone(), msg.deliver_at);
+    match kind {
+        MessageType::Normal => {
+            let receipt = state.producer.send(msg).await?;
+            Ok(ok("message sent", receipt.into()))
+        }
+        MessageType::Delay => {
+            let receipt = state.producer.send(msg).await?;
+            Ok(ok(
+                "message scheduled",
+                SendResult::of(topic, deliver_at, receipt),
+            ))
+        }
+        MessageType::Transaction => {
+            let half = state.producer.prepare(msg).await?;
+            state.halves.prepared(half.id(), &p.name);
+            let result = SendResult::of(topic, None, half.receipt().clone());
+            // Decided later by id through POST /transactions/{id}/commit|rollback.
+            drop(half);
+            Ok(ok("half message prepared; commit or roll it back", result))
+        }
+    }
 }
 
 /// Sends many messages; all are validated before any is sent, and the answer comes
@@ -188,7 +239,13 @@ pub async fn send_batch(
     }
     let mut msgs = Vec::with_capacity(req.messages.len());
     for m in req.messages {
-        msgs.push(to_message(&p, m)?);
+        let (msg, kind) = to_message(&p, m)?;
+        if kind == MessageType::Transaction {
+            return Err(ApiError::bad_request(
+                "transaction messages are prepared one at a time with POST /messages",
+            ));
+        }
+        msgs.push(msg);
     }
     let mut checked: Vec<&str> = Vec::new();
     for m in &msgs {
@@ -197,11 +254,19 @@ pub async fn send_batch(
             checked.push(&m.topic);
         }
     }
+    let targets: Vec<(String, Option<i64>)> = msgs
+        .iter()
+        .map(|m| (m.topic.clone(), m.deliver_at))
+        .collect();
     let receipts = state.producer.send_batch(msgs).await?;
     Ok(ok(
         "messages sent",
         SendBatchResult {
-            results: receipts.into_iter().map(Into::into).collect(),
+            results: receipts
+                .into_iter()
+                .zip(targets)
+                .map(|(r, (topic, at))| SendResult::of(topic, at, r))
+                .collect(),
         },
     ))
 }

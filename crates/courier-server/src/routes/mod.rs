@@ -7,3 +7,4 @@ pub mod health;
 pub mod messages;
 pub mod monitoring;
 pub mod topics;
+pub mod transactions;
