@@ -12,6 +12,10 @@
 //!   bare: one stream consumer per partition (prefetch 1000, acks every 500), each
 //!   timed until the last message.
 
+mod common;
+
+use common::{courier_produce, value};
+
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -30,30 +34,6 @@ fn rate(n: usize, d: Duration) -> String {
         n as f64 / d.as_secs_f64(),
         d.as_secs_f64()
     )
-}
-
-fn value(i: usize) -> Vec<u8> {
-    let mut v = vec![0u8; 100];
-    let mut x = (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    for b in v.iter_mut() {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        *b = x as u8;
-    }
-    v
-}
-
-async fn courier_produce(client: &Client, topic: &str, n: usize) -> Duration {
-    let p = client.producer();
-    let start = Instant::now();
-    let handles: Vec<_> = (0..n)
-        .map(|i| p.send(Message::new(topic, value(i)).key(format!("k{}", i % 1000))))
-        .collect();
-    for h in handles {
-        h.await.expect("send");
-    }
-    start.elapsed()
 }
 
 async fn bare_produce(conn: &Connection, topic: &str, n: usize) -> Duration {

@@ -6,18 +6,15 @@
 //! `COURIER_BENCH_DUE` (default 100,000 messages due at `COURIER_BENCH_DUE_RATE`,
 //! default 10,000/s), `COURIER_BENCH_DIR` (default a temp dir under `target/`).
 
+mod common;
+
+use common::env_usize;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use courier::{now_millis, Client, Delivery, Error, Message, TopicSpec, HEADER_DELAY_UNTIL};
 use parking_lot::Mutex;
-
-fn env(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(default)
-}
 
 fn rss_bytes() -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
@@ -53,9 +50,9 @@ async fn schedule(client: &Client, topic: &str, n: u64, due: impl Fn(u64) -> i64
 
 #[tokio::main]
 async fn main() {
-    let pending = env("COURIER_BENCH_PENDING", 1_000_000);
-    let due_n = env("COURIER_BENCH_DUE", 100_000);
-    let due_rate = env("COURIER_BENCH_DUE_RATE", 10_000).max(1);
+    let pending = env_usize("COURIER_BENCH_PENDING", 1_000_000) as u64;
+    let due_n = env_usize("COURIER_BENCH_DUE", 100_000) as u64;
+    let due_rate = (env_usize("COURIER_BENCH_DUE_RATE", 10_000) as u64).max(1);
     let base = std::env::var("COURIER_BENCH_DIR").unwrap_or_else(|_| {
         concat!(env!("CARGO_MANIFEST_DIR"), "/../../target/bench-data").to_string()
     });

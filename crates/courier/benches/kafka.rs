@@ -7,6 +7,10 @@
 //! `cargo bench -p courier --features kafka --bench kafka` (BENCH_N messages, default
 //! 500000; BENCH_ROUNDS rounds, default 2).
 
+mod common;
+
+use common::{courier_produce, env_usize, rate, unique, value, with_cpu};
+
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -19,34 +23,6 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
 const PARTITIONS: u32 = 4;
-
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn unique(prefix: &str) -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos());
-    format!("{prefix}-{nanos}")
-}
-
-async fn courier_produce(client: &Client, topic: &str, n: usize) -> Duration {
-    let producer = client.producer();
-    let start = Instant::now();
-    let mut handles = Vec::with_capacity(n);
-    for i in 0..n {
-        let m = Message::new(topic, value(i)).key(format!("k{}", i % 1000));
-        handles.push(producer.send(m));
-    }
-    for h in handles {
-        h.await.expect("send");
-    }
-    start.elapsed()
-}
 
 async fn bare_produce(config: &Config, topic: &str, n: usize, with_id: bool) -> Duration {
     let producer: FutureProducer = courier_kafka::config::producer(config)
@@ -151,43 +127,6 @@ async fn bare_consume(config: &Config, topic: &str, n: usize) -> (Duration, Dura
     }
     let total = start.elapsed();
     (total, first.map_or(total, |t| t.elapsed()))
-}
-
-/// 100 incompressible bytes for message `i` (xorshift), so lz4 does not flatter
-/// either side; both producers pay the same for it.
-fn value(i: usize) -> Vec<u8> {
-    let mut x = (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..100)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
-fn rate(n: usize, d: Duration) -> f64 {
-    n as f64 / d.as_secs_f64()
-}
-
-/// CPU seconds (user + system) this process used so far, all threads included
-/// (librdkafka's too). On a shared machine, CPU per message compares the two sides
-/// more steadily than wall-clock rates.
-fn cpu_seconds() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    let after = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let f: Vec<&str> = after.split_whitespace().collect();
-    let ticks: f64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0)
-        + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
-    ticks / 100.0
-}
-
-/// Runs `f`, returning its result and the CPU µs per message it used.
-async fn with_cpu<T>(n: usize, f: impl std::future::Future<Output = T>) -> (T, f64) {
-    let c0 = cpu_seconds();
-    let out = f.await;
-    (out, (cpu_seconds() - c0) * 1e6 / n as f64)
 }
 
 #[tokio::main]

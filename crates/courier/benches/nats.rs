@@ -10,6 +10,10 @@
 //! `cargo bench -p courier --features nats --bench nats` (BENCH_N messages, default
 //! 300000; BENCH_ROUNDS rounds, default 2).
 
+mod common;
+
+use common::{courier_produce, env_usize, rate, unique, value};
+
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -22,47 +26,6 @@ use futures::StreamExt;
 const PARTITIONS: u32 = 4;
 const ACK_EVERY: usize = 1000;
 const FETCH: usize = 1000;
-
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn unique(prefix: &str) -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos());
-    format!("{prefix}-{nanos}")
-}
-
-/// 100 incompressible bytes for message `i` (xorshift).
-fn value(i: usize) -> Bytes {
-    let mut x = (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..100)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect::<Vec<u8>>()
-        .into()
-}
-
-async fn courier_produce(client: &Client, topic: &str, n: usize) -> Duration {
-    let producer = client.producer();
-    let start = Instant::now();
-    let mut handles = Vec::with_capacity(n);
-    for i in 0..n {
-        handles.push(producer.send(Message::new(topic, value(i)).key(format!("k{}", i % 1000))));
-    }
-    for h in handles {
-        h.await.expect("send");
-    }
-    start.elapsed()
-}
 
 /// The stream Courier made for `topic` (same config, so both sides pay the same).
 fn stream_of(topic: &str) -> (String, Vec<String>) {
@@ -83,7 +46,7 @@ async fn bare_produce(js: &jetstream::Context, topic: &str, n: usize) -> Duratio
         let key = format!("k{}", i % 1000);
         let p = courier::partition_for_key(key.as_bytes(), PARTITIONS) as usize;
         acks.push(
-            js.publish(subjects[p].clone(), value(i))
+            js.publish(subjects[p].clone(), value(i).into())
                 .await
                 .expect("publish"),
         );
@@ -168,10 +131,6 @@ async fn bare_consume(js: &jetstream::Context, topic: &str, n: usize) -> Duratio
         t.await.expect("task");
     }
     start.elapsed()
-}
-
-fn rate(n: usize, d: Duration) -> f64 {
-    n as f64 / d.as_secs_f64()
 }
 
 #[tokio::main]

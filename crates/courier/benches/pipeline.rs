@@ -11,19 +11,16 @@
 //! Environment: `COURIER_BENCH_MESSAGES` (default 1,000,000), `COURIER_BENCH_ROUNDS`
 //! (default 3).
 
+mod common;
+
+use common::env_usize;
+
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use courier::{Client, Delivery, Error, Message, TopicSpec, TraceContext};
 use tokio::sync::Notify;
-
-fn env(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(default)
-}
 
 async fn fill(client: &Client, topic: &str, n: u64, traced: bool) {
     client
@@ -87,8 +84,8 @@ fn main() {
         .build()
         .expect("runtime");
     rt.block_on(async {
-        let n = env("COURIER_BENCH_MESSAGES", 1_000_000);
-        let rounds = env("COURIER_BENCH_ROUNDS", 3);
+        let n = env_usize("COURIER_BENCH_MESSAGES", 1_000_000) as u64;
+        let rounds = env_usize("COURIER_BENCH_ROUNDS", 3) as u64;
         let client = Client::connect("memory://pipeline-bench").await.expect("connect");
         println!("memory://, {n} messages of 64 B, 4 partitions, {rounds} rounds, best of each");
         for (topic, traced) in [("bench.plain", false), ("bench.traced", true)] {

@@ -12,6 +12,10 @@
 //! `cargo bench -p courier --features redis --bench redis` (BENCH_N messages, default
 //! 300000; BENCH_ROUNDS rounds, default 2). Everything it writes is deleted after.
 
+mod common;
+
+use common::{courier_produce, env_usize, rate, unique, value};
+
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -22,51 +26,6 @@ use redis::Value;
 
 const PARTITIONS: u32 = 4;
 const BATCH: usize = 1000;
-
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn unique(prefix: &str) -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos());
-    format!("{prefix}-{nanos}")
-}
-
-/// 100 bytes for message `i` (xorshift).
-fn value(i: usize) -> Vec<u8> {
-    let mut x = (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..100)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
-fn rate(n: usize, d: Duration) -> f64 {
-    n as f64 / d.as_secs_f64()
-}
-
-async fn courier_produce(client: &Client, topic: &str, n: usize) -> Duration {
-    let producer = client.producer();
-    let start = Instant::now();
-    let mut handles = Vec::with_capacity(n);
-    for i in 0..n {
-        let m = Message::new(topic, value(i)).key(format!("k{}", i % 1000));
-        handles.push(producer.send(m));
-    }
-    for h in handles {
-        h.await.expect("send");
-    }
-    start.elapsed()
-}
 
 fn bare_streams(base: &str) -> Vec<String> {
     (0..PARTITIONS).map(|p| format!("{base}:{p}")).collect()
