@@ -19,8 +19,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, consumer::pull, consumer::AckPolicy};
-use bytes::Bytes;
-use courier::{Client, Config, Delivery, Error, Message, TopicSpec};
+use courier::{Client, Config, Delivery, Error, TopicSpec};
 use futures::StreamExt;
 
 const PARTITIONS: u32 = 4;

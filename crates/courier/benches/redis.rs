@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use courier::{Client, Config, Delivery, Error, Message, TopicSpec};
+use courier::{Client, Config, Delivery, Error, TopicSpec};
 use redis::aio::MultiplexedConnection;
 use redis::Value;
 
