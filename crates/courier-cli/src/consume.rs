@@ -120,7 +120,8 @@ pub async fn run(client: &Client, args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn bytes_json(b: &Bytes) -> Value {
+/// Bytes as a JSON string when they are UTF-8, else as `{"base64": …}`.
+pub(crate) fn bytes_json(b: &Bytes) -> Value {
     match std::str::from_utf8(b) {
         Ok(s) => Value::String(s.to_string()),
         Err(_) => json!({ "base64": base64::engine::general_purpose::STANDARD.encode(b) }),

@@ -3,6 +3,7 @@
 
 mod bench;
 mod consume;
+mod dlq;
 mod groups;
 mod produce;
 mod serve;
@@ -41,6 +42,9 @@ enum Command {
     /// Inspect and reset consumer groups.
     #[command(subcommand)]
     Groups(groups::Command),
+    /// List dead letters and re-drive them to their original topics.
+    #[command(subcommand)]
+    Dlq(dlq::Command),
     /// Run the REST service (seed 004 API) over the backend.
     Serve(serve::Args),
     /// Measure produce / consume throughput and latency.
@@ -66,6 +70,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Consume(a) => consume::run(&client, a).await,
         Command::Topics(c) => topics::run(&client, c).await,
         Command::Groups(c) => groups::run(&client, c).await,
+        Command::Dlq(c) => dlq::run(&client, c).await,
         Command::Bench(a) => bench::run(&client, a).await,
         Command::Serve(a) => serve::run(&client, a, cli.config.as_ref()).await,
     };
