@@ -25,7 +25,66 @@ where
         eprintln!("UNSUPPORTED on {}: {name}: {reason}", h.name());
         return;
     }
+    if !SWEPT.swap(true, Ordering::SeqCst) {
+        sweep_stale_topics(h).await;
+    }
     test(h).await;
+}
+
+/// Set once the first test of this process has swept the backend.
+static SWEPT: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Topics whose name carries a [`unique`] id older than this are leftovers of an
+/// earlier run; younger ones may belong to a run in progress on the same server.
+const STALE_AFTER: Duration = Duration::from_secs(3600);
+
+/// When the topic `name` was made by [`unique`] (its ULID part, ms since the epoch).
+fn unique_created_ms(name: &str) -> Option<u64> {
+    name.split(['-', '.'])
+        .filter(|part| part.len() == 26)
+        .find_map(|part| ulid::Ulid::from_string(&part.to_uppercase()).ok())
+        .map(|u| u.timestamp_ms())
+}
+
+/// Deletes the topics earlier runs of the suite left on a shared server (every test
+/// makes fresh names and none deletes them, so they would pile up run after run).
+/// Best effort and bounded in time: a failure here never fails a test.
+async fn sweep_stale_topics(h: &dyn Harness) {
+    use futures::StreamExt;
+    let sweep = async {
+        let Ok(client) = h.client().await else {
+            return 0;
+        };
+        let Ok(topics) = client.admin().list_topics().await else {
+            return 0;
+        };
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let cutoff = now.saturating_sub(STALE_AFTER.as_millis() as u64);
+        let stale: Vec<String> = topics
+            .into_iter()
+            .filter(|t| unique_created_ms(t).is_some_and(|ms| ms < cutoff))
+            .collect();
+        let admin = client.admin();
+        futures::stream::iter(stale)
+            .map(|t| {
+                let admin = admin.clone();
+                async move { admin.delete_topic(&t).await.is_ok() }
+            })
+            .buffer_unordered(8)
+            .filter(|ok| std::future::ready(*ok))
+            .count()
+            .await
+    };
+    match tokio::time::timeout(Duration::from_secs(60), sweep).await {
+        Ok(0) => {}
+        Ok(n) => eprintln!("{}: deleted {n} topics left by earlier runs", h.name()),
+        Err(_) => eprintln!(
+            "{}: sweeping old topics took too long; left the rest",
+            h.name()
+        ),
+    }
 }
 
 /// A delivery as the tests record it (the handler must give the original back).
@@ -1110,3 +1169,22 @@ pub use crate::schedule::{
     delayed_survive_restart, txn_commit_visible_once, txn_crash_check_back_commits,
     txn_rollback_never_visible, txn_unknown_until_limit_rolls_back,
 };
+
+#[cfg(test)]
+mod sweep_tests {
+    use super::unique_created_ms;
+
+    #[test]
+    fn reads_the_creation_time_of_unique_names_only() {
+        let name = crate::harness::unique("orders");
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock")
+            .as_millis() as u64;
+        let ms = unique_created_ms(&name).expect("unique name");
+        assert!(ms <= now && now - ms < 10_000, "{ms} vs {now}");
+        assert_eq!(unique_created_ms(&format!("{name}.dlq")), Some(ms));
+        assert_eq!(unique_created_ms("user.events"), None);
+        assert_eq!(unique_created_ms("orders-notaulidnotaulidnotaulid"), None);
+    }
+}
