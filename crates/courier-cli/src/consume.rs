@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::Context;
 use base64::Engine;
 use bytes::Bytes;
-use courier::{Client, Delivery, Error, FailurePolicy, OffsetReset};
+use courier::{Client, Delivery, Error, FailurePolicy, Headers, OffsetReset};
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, oneshot};
 
@@ -128,22 +128,26 @@ pub(crate) fn bytes_json(b: &Bytes) -> Value {
     }
 }
 
+/// Headers as a JSON object, each value as [`bytes_json`] renders it.
+pub(crate) fn headers_json(h: &Headers) -> Value {
+    Value::Object(
+        h.iter()
+            .map(|(k, v)| (k.to_string(), bytes_json(v)))
+            .collect(),
+    )
+}
+
 fn render(d: &Delivery, format: Format) -> Vec<u8> {
     match format {
         Format::Raw => d.value.to_vec(),
         Format::Json => {
-            let headers: serde_json::Map<String, Value> = d
-                .headers
-                .iter()
-                .map(|(k, v)| (k.to_string(), bytes_json(v)))
-                .collect();
             let v = json!({
                 "topic": &*d.topic,
                 "partition": d.partition,
                 "offset": d.offset,
                 "id": d.id,
                 "key": d.key.as_ref().map(bytes_json),
-                "headers": headers,
+                "headers": headers_json(&d.headers),
                 "timestamp": d.timestamp,
                 "value": bytes_json(&d.value),
             });

@@ -5,7 +5,7 @@ use anyhow::bail;
 use courier::{Client, DeadLetter, LetterFilter, Selection};
 use serde_json::json;
 
-use crate::consume::bytes_json;
+use crate::consume::{bytes_json, headers_json};
 
 #[derive(Clone, Copy, clap::ValueEnum)]
 pub enum Format {
@@ -81,13 +81,7 @@ fn render(l: &DeadLetter, format: Format) -> String {
             l.retry_count,
             l.error.replace(['\n', '\t'], " "),
         ),
-        Format::Json => {
-            let headers: serde_json::Map<String, serde_json::Value> = l
-                .headers
-                .iter()
-                .map(|(k, v)| (k.to_string(), bytes_json(v)))
-                .collect();
-            json!({
+        Format::Json => json!({
                 "id": l.id,
                 "dlqTopic": l.dlq_topic,
                 "dlqPartition": l.dlq_partition,
@@ -101,11 +95,10 @@ fn render(l: &DeadLetter, format: Format) -> String {
                 "failedAt": l.failed_at,
                 "error": l.error,
                 "key": l.key.as_ref().map(bytes_json),
-                "headers": headers,
+                "headers": headers_json(&l.headers),
                 "value": bytes_json(&l.value),
-            })
-            .to_string()
-        }
+        })
+        .to_string(),
     }
 }
 
