@@ -3,11 +3,13 @@
 # POST /messages (one message per request) and POST /messages/batch (BATCH messages
 # per request). Release build; data in target/bench-serve (removed afterwards).
 # Usage: scripts/bench_serve.sh [DURATION_SECONDS] [CONNECTIONS] [BATCH]
+# COURIER_BIN=path runs that binary instead of building one (to compare two builds).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 DUR="${1:-15}"; CONNS="${2:-64}"; BATCH="${3:-1000}"
 command -v wrk >/dev/null || { apt-get install -y wrk >/dev/null 2>&1 || (apt-get update >/dev/null && apt-get install -y wrk >/dev/null); }
-cargo build --release -p courier-cli --no-default-features --bin courier >&2
+BIN="${COURIER_BIN:-target/release/courier}"
+[ -n "${COURIER_BIN:-}" ] || cargo build --release -p courier-cli --no-default-features --bin courier >&2
 DIR=target/bench-serve
 rm -rf "$DIR"; mkdir -p "$DIR"
 TOKEN="bench-$(date +%s%N)"
@@ -18,7 +20,7 @@ maxBodyBytes = 67108864
 [server.rateLimit]
 perSecond = 0
 TOML
-COURIER_ADMIN_TOKEN="$TOKEN" target/release/courier --url "file://$DIR/data" --config "$DIR/serve.toml" serve > "$DIR/out.txt" 2> "$DIR/err.txt" &
+COURIER_ADMIN_TOKEN="$TOKEN" "$BIN" --url "file://$DIR/data" --config "$DIR/serve.toml" serve > "$DIR/out.txt" 2> "$DIR/err.txt" &
 PID=$!
 trap 'kill $PID 2>/dev/null; wait $PID 2>/dev/null; rm -rf "$DIR"' EXIT
 for _ in $(seq 100); do grep -q listening "$DIR/out.txt" 2>/dev/null && break; sleep 0.1; done

@@ -80,6 +80,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     Ok(())
 }
 
+// glibc malloc was ~16% of the server's CPU under load (perf, docs/BENCHMARKS.md);
+// mimalloc's thread-local free lists take most of that away.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)

@@ -1,9 +1,10 @@
 //! Extractors whose rejections are rendered in the envelope (axum's own are plain text).
 
-use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
+use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, JsonRejection, PathRejection, QueryRejection};
 use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
-use axum::http::StatusCode;
+use axum::http::{header, HeaderMap, StatusCode};
 use serde::de::DeserializeOwned;
 
 use crate::envelope::ApiError;
@@ -19,11 +20,53 @@ where
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        match axum::Json::<T>::from_request(req, state).await {
-            Ok(axum::Json(v)) => Ok(ApiJson(v)),
-            Err(e) => Err(json_rejection(e)),
+        if !is_json(req.headers()) {
+            return Err(ApiError::bad_request(
+                "expected Content-Type: application/json",
+            ));
+        }
+        let body = Bytes::from_request(req, state)
+            .await
+            .map_err(body_rejection)?;
+        // Plain serde_json first: axum's `Json` tracks the path of every field it
+        // visits, which was a quarter of the batch endpoint's CPU. Only a body that
+        // fails goes through it again, for an error message naming the field.
+        match serde_json::from_slice(&body) {
+            Ok(v) => Ok(ApiJson(v)),
+            Err(_) => match axum::Json::<T>::from_bytes(&body) {
+                Ok(axum::Json(v)) => Ok(ApiJson(v)),
+                Err(e) => Err(json_rejection(e)),
+            },
         }
     }
+}
+
+/// `application/json` or an `application/…+json` type, parameters ignored (what
+/// axum's `Json` accepts).
+fn is_json(headers: &HeaderMap) -> bool {
+    let Some(value) = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return false;
+    };
+    let essence = value.split(';').next().unwrap_or("").trim();
+    let Some((kind, sub)) = essence.split_once('/') else {
+        return false;
+    };
+    kind.eq_ignore_ascii_case("application")
+        && (sub.eq_ignore_ascii_case("json")
+            || sub.len() > 5 && sub[sub.len() - 5..].eq_ignore_ascii_case("+json"))
+}
+
+fn body_rejection(e: BytesRejection) -> ApiError {
+    if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        return ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "request body is larger than the server accepts",
+        );
+    }
+    ApiError::bad_request(e.body_text())
 }
 
 fn json_rejection(e: JsonRejection) -> ApiError {

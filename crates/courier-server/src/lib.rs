@@ -203,7 +203,7 @@ pub async fn start(client: Client, opts: ServeOptions) -> anyhow::Result<Running
     )?;
     let audit = audit::AuditLog::open(opts.config.audit_log.as_deref()).await?;
     let config = Arc::new(opts.config);
-    let state = AppState {
+    let state: AppState = state::Shared {
         producer: client.producer(),
         members: Arc::new(consume::Members::new(
             client.clone(),
@@ -216,7 +216,8 @@ pub async fn start(client: Client, opts: ServeOptions) -> anyhow::Result<Running
         topics_seen: Default::default(),
         halves: Default::default(),
         client,
-    };
+    }
+    .into();
     let background = CancellationToken::new();
     spawn_background(&state, background.clone());
 

@@ -1,13 +1,17 @@
 //! Prometheus exposition (SPEC O1): one process-wide recorder; every `metrics` call
 //! in this process (the server's and `courier`'s) shows up at `/metrics`.
 
+use std::collections::HashMap;
 use std::sync::OnceLock;
 use std::time::Instant;
 
 use axum::extract::{MatchedPath, Request};
+use axum::http::Method;
 use axum::middleware::Next;
 use axum::response::Response;
+use metrics::{Counter, Histogram};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use parking_lot::RwLock;
 
 static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 
@@ -38,20 +42,68 @@ pub fn render() -> String {
     }
 }
 
+/// Metric handles of one route and method, resolved once: building a `metrics` key
+/// from labels allocates and hashes three strings, which showed in the request path's
+/// profile.
+struct RouteHandles {
+    duration: Histogram,
+    by_status: Vec<(u16, Counter)>,
+}
+
+type HandleCache = RwLock<HashMap<Box<str>, HashMap<Method, RouteHandles>>>;
+
+static HANDLES: OnceLock<HandleCache> = OnceLock::new();
+
+fn label(method: &Method) -> String {
+    method.as_str().to_string()
+}
+
+/// Records one finished request with cached handles (registered on first use).
+fn record(route: &str, method: &Method, status: u16, elapsed: f64) {
+    let cache = HANDLES.get_or_init(Default::default);
+    {
+        let read = cache.read();
+        if let Some(h) = read.get(route).and_then(|m| m.get(method)) {
+            if let Some((_, c)) = h.by_status.iter().find(|(s, _)| *s == status) {
+                h.duration.record(elapsed);
+                c.increment(1);
+                return;
+            }
+        }
+    }
+    let mut write = cache.write();
+    let h = write
+        .entry(route.into())
+        .or_default()
+        .entry(method.clone())
+        .or_insert_with(|| RouteHandles {
+            duration: metrics::histogram!("courier_http_request_duration_seconds",
+                "route" => route.to_string(), "method" => label(method)),
+            by_status: Vec::new(),
+        });
+    if !h.by_status.iter().any(|(s, _)| *s == status) {
+        let counter = metrics::counter!("courier_http_requests_total",
+            "route" => route.to_string(), "method" => label(method), "status" => status.to_string());
+        h.by_status.push((status, counter));
+    }
+    h.duration.record(elapsed);
+    if let Some((_, c)) = h.by_status.iter().find(|(s, _)| *s == status) {
+        c.increment(1);
+    }
+}
+
 /// Middleware: request count and latency per route and status.
 pub async fn track(req: Request, next: Next) -> Response {
-    let route = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map(|m| m.as_str().to_string())
-        .unwrap_or_else(|| "unmatched".into());
-    let method = req.method().to_string();
+    let route = req.extensions().get::<MatchedPath>().cloned();
+    let method = req.method().clone();
     let start = Instant::now();
     let resp = next.run(req).await;
-    let status = resp.status().as_u16().to_string();
-    metrics::histogram!("courier_http_request_duration_seconds", "route" => route.clone(), "method" => method.clone())
-        .record(start.elapsed().as_secs_f64());
-    metrics::counter!("courier_http_requests_total", "route" => route, "method" => method, "status" => status)
-        .increment(1);
+    let route = route.as_ref().map_or("unmatched", MatchedPath::as_str);
+    record(
+        route,
+        &method,
+        resp.status().as_u16(),
+        start.elapsed().as_secs_f64(),
+    );
     resp
 }

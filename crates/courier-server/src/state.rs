@@ -13,9 +13,27 @@ use crate::config::ServerConfig;
 use crate::consume::Members;
 use crate::monitor::History;
 
-/// Everything handlers need; cheap to clone.
+/// Everything handlers need. One `Arc`: axum clones the state for every request and
+/// every middleware, and a struct of ten `Arc`s made that a visible cost under load.
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<Shared>);
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+impl From<Shared> for AppState {
+    fn from(shared: Shared) -> Self {
+        Self(Arc::new(shared))
+    }
+}
+
+/// The fields behind an [`AppState`].
+pub struct Shared {
     /// The backend.
     pub client: Client,
     /// The one producer all requests share (its adaptive batching merges concurrent
