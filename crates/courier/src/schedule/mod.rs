@@ -78,6 +78,13 @@ pub(crate) struct Started {
     ready: watch::Receiver<bool>,
 }
 
+impl Started {
+    /// `r` as a delayed record of this member's schedule log.
+    pub(crate) fn delayed(&self, r: Record, due: i64) -> Record {
+        wire::delay(r, due, &self.log, self.partitions)
+    }
+}
+
 /// One client's scheduler member, started on first use.
 pub(crate) struct Scheduler {
     driver: Arc<dyn Driver>,
@@ -190,6 +197,11 @@ impl Scheduler {
         })
     }
 
+    /// The started member, if it runs.
+    pub(crate) fn started(&self) -> Option<&Started> {
+        self.started.get()
+    }
+
     /// Waits until this member owns every partition of the schedule log (one-member
     /// deployments and tests).
     pub(crate) async fn ready(self: &Arc<Self>, timeout: Duration) -> Result<()> {
@@ -204,7 +216,7 @@ impl Scheduler {
     /// `r` as a delayed record of the schedule log.
     pub(crate) async fn delayed(self: &Arc<Self>, r: Record, due: i64) -> Result<Record> {
         let s = self.ensure_started().await?;
-        Ok(wire::delay(r, due, &s.log, s.partitions))
+        Ok(s.delayed(r, due))
     }
 
     /// `r` as a half of the schedule log.
