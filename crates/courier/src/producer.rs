@@ -141,6 +141,7 @@ impl Producer {
         let id = record.id.clone();
         let half = sched.half(record).await?;
         let receipt = self.enqueue(half).await?;
+        sched.prepared(&id);
         Ok(Half {
             id,
             receipt,

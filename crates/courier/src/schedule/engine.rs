@@ -209,6 +209,11 @@ impl Engine {
         // commits, so they come back to the next member.
         self.index.clear();
         self.heap.clear();
+        {
+            let mut book = self.sched.book.lock();
+            book.halves.clear();
+            book.caught_up.clear();
+        }
         self.sched
             .pending
             .store(0, std::sync::atomic::Ordering::Relaxed);
@@ -276,6 +281,7 @@ impl Engine {
         if !self.greeted.insert(p) {
             return;
         }
+        self.sched.book.lock().caught_up.insert(p);
         let moved = self.moved.remove(&p).unwrap_or_default();
         for (due, e) in self.parked.remove(&p).unwrap_or_default() {
             if moved.contains(&e.pos.1) {
@@ -303,6 +309,7 @@ impl Engine {
         self.seq += 1;
         let key = (due, self.seq);
         if matches!(e.what, What::Half { .. }) {
+            self.sched.book.lock().halves.insert(e.id.clone());
             if let Some(old) = self.halves.insert(e.id.clone(), key) {
                 // Delivered again (rebalance or rewind): the newer copy wins.
                 self.index.remove(&old);
@@ -417,6 +424,7 @@ impl Engine {
                         v.remove(i).1.ack.ack();
                     }
                 } else if let Some(key) = self.halves.remove(&id) {
+                    self.sched.book.lock().halves.remove(&id);
                     if let Some(mut e) = self.index.remove(&key) {
                         if commit {
                             // Committed: moved like a delayed message due now.
@@ -458,7 +466,7 @@ impl Engine {
                 offset = token.offset,
                 "scheduler: schedule-log partition rewound or handed over; re-indexing it"
             );
-            self.greeted.remove(&p);
+            self.ungreet(p);
             self.parked_slots.remove(&p);
         }
         let gen = self.gens.entry(p).or_default();
@@ -475,6 +483,13 @@ impl Engine {
             },
         );
         gen
+    }
+
+    /// Partition `p` must be caught up with again before its entries are released
+    /// (and before decisions for its halves can be checked here).
+    fn ungreet(&mut self, p: u32) {
+        self.greeted.remove(&p);
+        self.sched.book.lock().caught_up.remove(&p);
     }
 
     fn admit_slot(&mut self, s: Slot) {
@@ -542,7 +557,7 @@ impl Engine {
         for p in touched {
             if self.lanes.get(&p).is_some_and(|l| l.is_stale(p)) {
                 self.lanes.remove(&p);
-                self.greeted.remove(&p);
+                self.ungreet(p);
             }
         }
         slots.retain(|s| self.slot_live(s));
@@ -581,6 +596,7 @@ impl Engine {
                 // The partition moved to another member, which has it again.
                 if matches!(e.what, What::Half { .. }) {
                     self.halves.remove(&e.id);
+                    self.sched.book.lock().halves.remove(&e.id);
                 }
                 e.ack.discard();
                 continue;
@@ -617,7 +633,12 @@ impl Engine {
                         e.ack.ack();
                         continue;
                     };
-                    match self.check(&e.id, &r, checks).await {
+                    let decision = self.check(&e.id, &r, checks).await;
+                    if decision != TxnDecision::Unknown || checks + 1 >= self.opts.max_checks {
+                        // Decided here: a later commit or rollback finds nothing.
+                        self.sched.book.lock().halves.remove(&e.id);
+                    }
+                    match decision {
                         TxnDecision::Commit => moves.push((Settle::Entry(e.pos, e.ack), r)),
                         TxnDecision::Rollback => {
                             tracing::info!(id = %e.id, "half rolled back by check-back");

@@ -14,6 +14,7 @@
 mod engine;
 pub(crate) mod wire;
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -85,6 +86,18 @@ impl Started {
     }
 }
 
+/// What this member knows about undecided halves, shared between the engine and
+/// [`Scheduler::decide`] so a decision for a half it owns but does not hold fails
+/// with [`Error::TxnNotFound`] instead of being written and ignored.
+#[derive(Default)]
+pub(crate) struct Book {
+    /// Undecided halves in this member's index (or just prepared through it).
+    pub(crate) halves: HashSet<String>,
+    /// Schedule-log partitions this member owns and has read to its own marker:
+    /// for those, `halves` is complete.
+    pub(crate) caught_up: HashSet<u32>,
+}
+
 /// One client's scheduler member, started on first use.
 pub(crate) struct Scheduler {
     driver: Arc<dyn Driver>,
@@ -97,6 +110,7 @@ pub(crate) struct Scheduler {
     session_timeout: Duration,
     /// Entries in this member's index (delayed messages and halves).
     pub(crate) pending: std::sync::atomic::AtomicUsize,
+    pub(crate) book: Mutex<Book>,
 }
 
 impl Scheduler {
@@ -118,6 +132,7 @@ impl Scheduler {
             commit_interval: Duration::from_millis(50),
             session_timeout,
             pending: std::sync::atomic::AtomicUsize::new(0),
+            book: Mutex::new(Book::default()),
         }
     }
 
@@ -226,7 +241,22 @@ impl Scheduler {
         Ok(wire::half(r, check_at, &s.log, s.partitions))
     }
 
-    /// Durably records the decision for half `id`.
+    /// Notes a half just prepared through this member, when it owns the half's
+    /// partition (so an immediate decision finds it before the engine reads it).
+    pub(crate) fn prepared(&self, id: &str) {
+        let Some(s) = self.started.get() else { return };
+        let p = wire::partition_for(id, s.partitions);
+        let mut book = self.book.lock();
+        if book.caught_up.contains(&p) {
+            book.halves.insert(id.to_string());
+        }
+    }
+
+    /// Durably records the decision for half `id`. [`Error::TxnNotFound`] when this
+    /// member owns the half's partition, has caught up with it, and holds no such
+    /// undecided half; a half owned by another member (or while catching up after a
+    /// start) cannot be checked here, so its decision is written and applied (or
+    /// ignored) by the owner.
     pub(crate) async fn decide(self: &Arc<Self>, id: &str, commit: bool) -> Result<()> {
         if id.is_empty() {
             return Err(Error::InvalidArgument(
@@ -234,9 +264,26 @@ impl Scheduler {
             ));
         }
         let s = self.ensure_started().await?;
-        self.driver
+        let p = wire::partition_for(id, s.partitions);
+        let held = {
+            let mut book = self.book.lock();
+            if book.caught_up.contains(&p) {
+                if !book.halves.remove(id) {
+                    return Err(Error::TxnNotFound(id.to_string()));
+                }
+                true
+            } else {
+                false
+            }
+        };
+        let res = self
+            .driver
             .publish(vec![wire::op(id, commit, &s.log, s.partitions)])
-            .await?;
-        Ok(())
+            .await;
+        if res.is_err() && held {
+            // Not decided after all: a retry must find it.
+            self.book.lock().halves.insert(id.to_string());
+        }
+        res.map(|_| ())
     }
 }
