@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use courier_core::{
-    now_millis, AckHandle, AckToken, Acker, Delivery, Driver, Error, Record, Subscription,
-    TopicPartition,
+    now_millis, partition_for_key, AckHandle, AckToken, Acker, Delivery, Driver, Error, Record,
+    Result, Subscription, TopicPartition,
 };
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
@@ -24,6 +24,9 @@ const MOVE_BATCH: usize = 4096;
 const RETRY_AFTER_MS: i64 = 1000;
 /// Longest a check-back may take before it counts as Unknown.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most target records scanned per target partition when recovering an interrupted
+/// move (the interrupted batch landed right after the recorded end offset).
+const VERIFY_SCAN_MAX: usize = 1_000_000;
 /// Due offsets of one partition this close together are read with one range read
 /// (reading a few unwanted records beats a round trip per record).
 const READ_GAP: u64 = 64;
@@ -70,6 +73,10 @@ impl Lane {
         self.acker.is_stale(&self.token(partition, self.last))
     }
 }
+
+/// An announced, unconfirmed move: target topic, target partition, its end offset
+/// before the publish, message id.
+type Pending = (String, u32, u64, String);
 
 /// How a moved message is settled.
 enum Settle {
@@ -124,6 +131,14 @@ pub(crate) struct Engine {
     gens: HashMap<u32, u32>,
     /// Slots of partitions not caught up yet.
     parked_slots: HashMap<u32, Vec<Slot>>,
+    /// Per partition not caught up yet: moves an earlier incarnation announced and
+    /// did not mark done, by schedule-log offset → (target topic, partition, end
+    /// offset before the publish, message id).
+    intents: HashMap<u32, HashMap<u64, Pending>>,
+    /// Caught-up partitions whose unfinished moves must be looked up in the targets.
+    to_verify: Vec<u32>,
+    /// Last offset read per partition (a lower one again is a replay).
+    last_seen: HashMap<u32, u64>,
     halves: HashMap<String, (i64, u64)>,
     seq: u64,
     hello: String,
@@ -165,6 +180,9 @@ impl Engine {
             lanes: HashMap::new(),
             gens: HashMap::new(),
             parked_slots: HashMap::new(),
+            intents: HashMap::new(),
+            to_verify: Vec::new(),
+            last_seen: HashMap::new(),
             halves: HashMap::new(),
             seq: 0,
             hello: format!("__hello.{}", ulid::Ulid::new()),
@@ -199,6 +217,9 @@ impl Engine {
                     Some(batch) => {
                         for d in batch {
                             self.ingest(d);
+                        }
+                        if !self.to_verify.is_empty() {
+                            self.verify_intents().await;
                         }
                     }
                     None => break,
@@ -278,6 +299,83 @@ impl Engine {
     /// Partition `p` caught up: release its parked entries, except those an earlier
     /// incarnation already moved.
     fn caught_up(&mut self, p: u32) {
+        if self.greeted.contains(&p) {
+            return;
+        }
+        if self.intents.get(&p).is_some_and(|m| !m.is_empty()) {
+            if !self.to_verify.contains(&p) {
+                self.to_verify.push(p);
+            }
+            return;
+        }
+        self.release(p);
+    }
+
+    /// Looks up, in their targets, the messages of moves an earlier incarnation
+    /// announced but did not mark done (it crashed in between): those found count as
+    /// moved, the rest are moved again. So a crash neither loses nor repeats them.
+    async fn verify_intents(&mut self) {
+        for p in std::mem::take(&mut self.to_verify) {
+            let intents = self.intents.remove(&p).unwrap_or_default();
+            let mut parked: HashSet<u64> = self
+                .parked_slots
+                .get(&p)
+                .map(|v| v.iter().map(|s| s.offset).collect())
+                .unwrap_or_default();
+            if let Some(v) = self.parked.get(&p) {
+                parked.extend(v.iter().map(|(_, e)| e.pos.1));
+            }
+            let mut by_target: HashMap<(String, u32), (u64, HashMap<String, u64>)> = HashMap::new();
+            for (off, (topic, tp, from, id)) in intents {
+                if parked.contains(&off) {
+                    let t = by_target
+                        .entry((topic, tp))
+                        .or_insert_with(|| (from, HashMap::new()));
+                    t.0 = t.0.min(from);
+                    t.1.insert(id, off);
+                }
+            }
+            let mut found = Vec::new();
+            let mut again = 0;
+            for ((topic, partition), (from, mut ids)) in by_target {
+                let tp = TopicPartition::new(&topic, partition);
+                let (mut at, mut scanned) = (from, 0);
+                while !ids.is_empty() && scanned < VERIFY_SCAN_MAX {
+                    match self.driver.read_records(&tp, at, 1024).await {
+                        Ok(records) => {
+                            let Some(last) = records.last().map(|(o, _)| *o) else {
+                                break;
+                            };
+                            scanned += records.len();
+                            for (_, r) in &records {
+                                if let Some(off) = ids.remove(&r.id) {
+                                    found.push(off);
+                                }
+                            }
+                            at = last + 1;
+                        }
+                        Err(e) => {
+                            tracing::warn!(%tp, error = %e, "scheduler: cannot look up an interrupted move; moving it again (may repeat it)");
+                            break;
+                        }
+                    }
+                }
+                again += ids.len();
+            }
+            tracing::info!(
+                partition = p,
+                arrived = found.len(),
+                again,
+                "scheduler: recovered moves interrupted by a crash"
+            );
+            self.moved.entry(p).or_default().extend(found);
+            self.release(p);
+        }
+    }
+
+    /// Partition `p` caught up (and its interrupted moves resolved): index its
+    /// parked entries, except those already moved.
+    fn release(&mut self, p: u32) {
         if !self.greeted.insert(p) {
             return;
         }
@@ -324,6 +422,13 @@ impl Engine {
         if ack.is_stale() {
             ack.discard();
             return;
+        }
+        if self.by_position {
+            if let Some(last) = self.last_seen.insert(d.partition, d.offset) {
+                if d.offset <= last {
+                    self.rewound(d.partition, d.offset);
+                }
+            }
         }
         match wire::kind(&d.headers) {
             Kind::Delay { due } => {
@@ -376,10 +481,31 @@ impl Engine {
             }
             Kind::Moved => {
                 if !self.greeted.contains(&d.partition) {
-                    self.moved
-                        .entry(d.partition)
-                        .or_default()
-                        .extend(wire::moved_offsets(&d.value));
+                    let offsets = wire::moved_offsets(&d.value);
+                    if let Some(intents) = self.intents.get_mut(&d.partition) {
+                        for o in &offsets {
+                            intents.remove(o);
+                        }
+                    }
+                    self.moved.entry(d.partition).or_default().extend(offsets);
+                }
+                ack.ack();
+            }
+            Kind::Intent => {
+                if !self.greeted.contains(&d.partition) {
+                    match wire::parse_intent(&d.value) {
+                        Some(i) => {
+                            let map = self.intents.entry(d.partition).or_default();
+                            for (off, t, id) in i.entries {
+                                if let Some((topic, tp, from)) = i.targets.get(t as usize) {
+                                    map.insert(off, (topic.clone(), *tp, *from, id));
+                                }
+                            }
+                        }
+                        None => {
+                            tracing::warn!(id = %d.id, "scheduler: unreadable move intent skipped")
+                        }
+                    }
                 }
                 ack.ack();
             }
@@ -483,6 +609,29 @@ impl Engine {
             },
         );
         gen
+    }
+
+    /// Partition `p` is read again from an earlier offset (rewind, or handed back):
+    /// what was parked or indexed from it comes again, so drop it and catch up anew.
+    fn rewound(&mut self, p: u32, offset: u64) {
+        tracing::info!(
+            partition = p,
+            offset,
+            "scheduler: schedule-log partition read again from an earlier offset; re-indexing it"
+        );
+        self.ungreet(p);
+        self.parked_slots.remove(&p);
+        if let Some(v) = self.parked.remove(&p) {
+            // Delivered again with fresh handles; settling these old ones would nack.
+            v.into_iter().for_each(|(_, e)| e.ack.discard());
+        }
+        self.moved.remove(&p);
+        self.intents.remove(&p);
+        if let Some(g) = self.gens.get_mut(&p) {
+            *g = g.wrapping_add(1);
+        }
+        self.lanes.remove(&p);
+        self.last_seen.insert(p, offset);
     }
 
     /// Partition `p` must be caught up with again before its entries are released
@@ -673,15 +822,19 @@ impl Engine {
         if moves.is_empty() {
             return;
         }
-        let (settles, records): (Vec<Settle>, Vec<Record>) = moves.into_iter().unzip();
+        let (settles, mut records): (Vec<Settle>, Vec<Record>) = moves.into_iter().unzip();
         // Entries held in memory are kept for a retry; slots are read again.
         let backup: Vec<Option<Record>> = settles
             .iter()
             .zip(&records)
             .map(|(s, r)| matches!(s, Settle::Entry(..)).then(|| r.clone()))
             .collect();
-        match self.driver.publish(records).await {
-            Ok(_) => {
+        let res = match self.write_intents(&settles, &mut records).await {
+            Ok(()) => self.driver.publish(records).await.map(|_| ()),
+            Err(e) => Err(e),
+        };
+        match res {
+            Ok(()) => {
                 let mut done: BTreeMap<u32, Vec<u64>> = BTreeMap::new();
                 for s in &settles {
                     let (p, o) = s.pos();
@@ -716,6 +869,59 @@ impl Engine {
                 }
             }
         }
+    }
+
+    /// On backends that read by position, records where each due message goes (its
+    /// target partition fixed now) and how far each target partition reached, before
+    /// the publish: see [`Engine::verify_intents`].
+    async fn write_intents(&self, settles: &[Settle], records: &mut [Record]) -> Result<()> {
+        if !self.by_position {
+            return Ok(());
+        }
+        let mut ends: HashMap<String, Vec<u64>> = HashMap::new();
+        for r in records.iter() {
+            if !ends.contains_key(&r.topic) {
+                let info = self.driver.describe_topic(&r.topic).await?;
+                let mut v = vec![0; info.partitions.len()];
+                for p in &info.partitions {
+                    if let Some(slot) = v.get_mut(p.partition as usize) {
+                        *slot = p.end_offset;
+                    }
+                }
+                ends.insert(r.topic.clone(), v);
+            }
+        }
+        let mut per: BTreeMap<u32, wire::Intent> = BTreeMap::new();
+        for (s, r) in settles.iter().zip(records.iter_mut()) {
+            let Some(e) = ends.get(&r.topic).filter(|e| !e.is_empty()) else {
+                continue;
+            };
+            let part = *r.partition.get_or_insert_with(|| {
+                let key = r.key.as_deref().unwrap_or(r.id.as_bytes());
+                partition_for_key(key, e.len() as u32)
+            });
+            let end = e.get(part as usize).copied().unwrap_or(0);
+            let (sp, so) = s.pos();
+            let intent = per.entry(sp).or_default();
+            let t = match intent
+                .targets
+                .iter()
+                .position(|(t, p, _)| *t == r.topic && *p == part)
+            {
+                Some(t) => t,
+                None => {
+                    intent.targets.push((r.topic.clone(), part, end));
+                    intent.targets.len() - 1
+                }
+            };
+            intent.entries.push((so, t as u32, r.id.clone()));
+        }
+        let records = per
+            .iter()
+            .map(|(p, i)| wire::intent(*p, i, &self.log))
+            .collect();
+        self.driver.publish(records).await?;
+        Ok(())
     }
 
     /// Acknowledges a moved (or dropped) entry.
