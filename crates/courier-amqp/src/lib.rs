@@ -233,6 +233,7 @@ impl Driver for AmqpDriver {
             // the backend page) and ends are read, not reported.
             dense_offsets: false,
             max_in_flight_publishes: MAX_IN_FLIGHT_PUBLISHES,
+            read_by_position: false,
         }
     }
 

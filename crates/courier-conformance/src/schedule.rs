@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use courier::{
-    now_millis, Client, HalfMessage, Message, OffsetReset, ScheduleOptions, TxnDecision,
+    now_millis, Client, Error, HalfMessage, Message, OffsetReset, ScheduleOptions, TxnDecision,
     HEADER_DELAY_UNTIL,
 };
 use futures::future::BoxFuture;
@@ -166,12 +166,20 @@ pub fn txn_commit_visible_once(h: &dyn Harness) -> BoxFuture<'_, ()> {
             (id.as_str(), "order-1".into())
         );
         assert_eq!(got[0].key.as_deref(), Some(&b"k"[..]));
-        // Deciding again changes nothing.
-        client
-            .transactions()
-            .commit(&id)
-            .await
-            .expect("commit again");
+        // Deciding again is refused (this member owns the half and knows it is
+        // decided) and changes nothing.
+        let again = client.transactions().commit(&id).await;
+        assert!(
+            matches!(again, Err(Error::TxnNotFound(ref x)) if *x == id),
+            "{}: second commit: {again:?}",
+            h.name()
+        );
+        let unknown = client.transactions().rollback("no-such-half").await;
+        assert!(
+            matches!(unknown, Err(Error::TxnNotFound(_))),
+            "{}: rollback of an unknown id: {unknown:?}",
+            h.name()
+        );
         expect_silence(&mut rx, Duration::from_millis(800)).await;
         c.stop().await.expect("stop");
         shutdown(client).await;
@@ -285,8 +293,14 @@ pub fn txn_unknown_until_limit_rolls_back(h: &dyn Harness) -> BoxFuture<'_, ()> 
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        // Rolled back after the third: a late commit finds nothing to deliver.
-        half.commit().await.expect("late commit");
+        // Rolled back after the third: a late commit finds nothing to deliver (it
+        // may still be accepted when it races the last check-back).
+        let late = half.commit().await;
+        assert!(
+            matches!(late, Ok(()) | Err(Error::TxnNotFound(_))),
+            "{}: late commit: {late:?}",
+            h.name()
+        );
         expect_silence(&mut rx, Duration::from_millis(1000)).await;
         assert_eq!(
             checks.load(Ordering::SeqCst),

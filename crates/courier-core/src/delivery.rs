@@ -94,6 +94,15 @@ impl AckHandle {
     pub fn discard(mut self) {
         self.token = None;
     }
+
+    /// The acker and token, unsettled: lets a holder of very many deliveries of one
+    /// partition keep one acker per partition and settle by offset later (Courier's
+    /// scheduler index). Whoever takes them must settle or knowingly leave the message
+    /// unsettled; dropping them does not nack.
+    pub fn into_parts(mut self) -> Option<(Arc<dyn Acker>, AckToken)> {
+        let token = self.token.take()?;
+        Some((self.acker.clone(), token))
+    }
 }
 
 impl Drop for AckHandle {

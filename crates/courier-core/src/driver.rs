@@ -36,6 +36,11 @@ pub struct Capabilities {
     /// How many `publish` calls a producer may have in flight without breaking per-key
     /// order (1 unless the driver preserves order across concurrent calls).
     pub max_in_flight_publishes: usize,
+    /// [`Driver::read_records`] works: Courier's scheduler then keeps only a 24-byte
+    /// index entry per pending delayed message, and a crash between moving due
+    /// messages and recording the move repeats nothing (it looks in the targets).
+    /// Without it a crash in that window delivers those messages again, same id.
+    pub read_by_position: bool,
 }
 
 impl Default for Capabilities {
@@ -50,6 +55,7 @@ impl Default for Capabilities {
             native_compression: false,
             dense_offsets: true,
             max_in_flight_publishes: 1,
+            read_by_position: false,
         }
     }
 }

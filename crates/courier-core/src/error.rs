@@ -105,6 +105,10 @@ pub enum Error {
     /// The consumer group does not exist.
     #[error("group {0:?} not found")]
     GroupNotFound(String),
+    /// A commit or rollback named a half message this client's scheduler member owns
+    /// but does not hold: never prepared, already decided, or settled by check-back.
+    #[error("transaction {0:?} not found: unknown or already decided")]
+    TxnNotFound(String),
     /// The backend cannot do this, natively or emulated.
     #[error("{feature} is not supported by the {backend} backend")]
     Unsupported {

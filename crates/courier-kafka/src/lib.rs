@@ -89,6 +89,7 @@ impl Driver for KafkaDriver {
             native_compression: true,
             dense_offsets: true,
             max_in_flight_publishes: MAX_IN_FLIGHT_PUBLISHES,
+            read_by_position: false,
         }
     }
 

@@ -86,6 +86,7 @@ impl<S: LogStore> Driver for LogDriver<S> {
         Capabilities {
             durable: self.shared.store.durable(),
             max_in_flight_publishes: 1,
+            read_by_position: true,
             ..Capabilities::default()
         }
     }

@@ -140,6 +140,7 @@ impl Driver for NatsDriver {
             native_compression: false,
             dense_offsets: false,
             max_in_flight_publishes: MAX_IN_FLIGHT_PUBLISHES,
+            read_by_position: false,
         }
     }
 

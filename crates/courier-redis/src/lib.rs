@@ -151,6 +151,7 @@ impl Driver for RedisDriver {
             native_compression: false,
             dense_offsets: true,
             max_in_flight_publishes: 1,
+            read_by_position: false,
         }
     }
 

@@ -96,7 +96,9 @@ fn status_of(e: &Error) -> StatusCode {
         | Error::Config(_)
         | Error::Serialization(_) => StatusCode::BAD_REQUEST,
         Error::MessageTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-        Error::TopicNotFound(_) | Error::GroupNotFound(_) => StatusCode::NOT_FOUND,
+        Error::TopicNotFound(_) | Error::GroupNotFound(_) | Error::TxnNotFound(_) => {
+            StatusCode::NOT_FOUND
+        }
         Error::TopicExists(_) => StatusCode::CONFLICT,
         Error::QueueFull(_) => StatusCode::TOO_MANY_REQUESTS,
         Error::BatchSendFailed { source, .. } => status_of(source),

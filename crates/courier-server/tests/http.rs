@@ -1282,12 +1282,12 @@ async fn transaction_messages_commit_and_rollback() {
         )
         .await;
     assert_eq!(s, 403, "unknown to this server: admin only");
-    let (s, _) = api
+    let (s, v) = api
         .admin("POST", "/api/v1/mq/transactions/unknown-id/rollback", None)
         .await;
     assert_eq!(
-        s, 200,
-        "an admin may decide any id; unknown ones change nothing"
+        s, 404,
+        "an admin may decide any id; the scheduler knows this one is not a half: {v}"
     );
     let (s, _) = api.call("GET", &commit1, Some(SVC), None).await;
     assert_eq!(s, 405);
@@ -1306,9 +1306,9 @@ async fn transaction_messages_commit_and_rollback() {
         .await;
     assert_eq!(s, 200, "{v}");
     assert_eq!(v["data"]["decision"], "rollback");
-    // A second commit of h1 (now decided) delivers nothing more.
-    let (s, _) = api.admin("POST", &commit1, None).await;
-    assert_eq!(s, 200);
+    // A second commit of h1 (now decided) is refused and delivers nothing more.
+    let (s, v) = api.admin("POST", &commit1, None).await;
+    assert_eq!(s, 404, "{v}");
 
     let mut seen = reader.until(&api, &h1).await;
     let got = seen

@@ -141,6 +141,7 @@ impl Producer {
         let id = record.id.clone();
         let half = sched.half(record).await?;
         let receipt = self.enqueue(half).await?;
+        sched.prepared(&id);
         Ok(Half {
             id,
             receipt,
@@ -157,6 +158,10 @@ impl Producer {
             }));
         };
         let record = self.stamp(msg);
+        if let Some(started) = sched.started() {
+            // The common case once the member runs: wrapped in place, no task per send.
+            return self.enqueue(started.delayed(record, due));
+        }
         let this = self.clone();
         let (tx, rx) = oneshot::channel();
         tokio::spawn(async move {
@@ -210,14 +215,27 @@ impl Producer {
         for m in &msgs {
             self.check(m)?;
         }
-        if msgs.iter().any(is_delayed) {
-            // Delayed messages go to the schedule log one by one.
-            let handles: Vec<SendHandle> = msgs.into_iter().map(|m| self.send(m)).collect();
-            return collect_batch(handles).await;
-        }
         let total = msgs.len();
+        let records: Vec<Record> = if msgs.iter().any(is_delayed) {
+            let Some(sched) = self.inner.schedule.clone() else {
+                return Err(Error::Unsupported {
+                    feature: "delayed delivery",
+                    backend: self.inner.driver.name(),
+                });
+            };
+            // One queue push for the whole batch: delayed ones wrapped for the
+            // schedule log, the rest as they are.
+            let started = sched.ensure_started().await?;
+            msgs.into_iter()
+                .map(|m| match m.deliver_at.filter(|_| is_delayed(&m)) {
+                    Some(due) => started.delayed(self.stamp(m), due),
+                    None => self.stamp(m),
+                })
+                .collect()
+        } else {
+            msgs.into_iter().map(|m| self.stamp(m)).collect()
+        };
         let mut rxs = Vec::with_capacity(total);
-        let records: Vec<Record> = msgs.into_iter().map(|m| self.stamp(m)).collect();
         let now = Instant::now();
         {
             let mut q = self.inner.queue.lock();
@@ -290,31 +308,6 @@ impl Producer {
 /// True when `msg` asks for a due time still in the future (a past one sends now).
 fn is_delayed(msg: &Message) -> bool {
     msg.deliver_at.is_some_and(|at| at > now_millis())
-}
-
-/// Awaits every handle; fails like `send_batch` when any failed.
-async fn collect_batch(handles: Vec<SendHandle>) -> Result<Vec<Receipt>> {
-    let total = handles.len();
-    let mut receipts = Vec::with_capacity(total);
-    let mut failed = 0;
-    let mut first_err = None;
-    for h in handles {
-        match h.await {
-            Ok(r) => receipts.push(r),
-            Err(e) => {
-                failed += 1;
-                first_err.get_or_insert(e);
-            }
-        }
-    }
-    match first_err {
-        None => Ok(receipts),
-        Some(e) => Err(Error::BatchSendFailed {
-            failed,
-            total,
-            source: Box::new(e),
-        }),
-    }
 }
 
 async fn run_flusher(inner: Arc<Inner>) {

@@ -72,8 +72,11 @@ pub struct Transactions {
 
 impl Transactions {
     /// Makes half `id` visible. Durable when this returns; delivery follows as soon as
-    /// the scheduler member owning the half processes the decision. Deciding an id that
-    /// is unknown or already decided does nothing (logged at debug level).
+    /// the scheduler member owning the half processes the decision.
+    /// [`Error::TxnNotFound`](courier_core::Error::TxnNotFound) when this client's
+    /// member owns the half and holds no such undecided half (never prepared, already
+    /// decided, rolled back by check-back). A decision for a half owned by another
+    /// member is written and applied by that member (ignored there when unknown).
     pub async fn commit(&self, id: &str) -> Result<()> {
         self.sched.decide(id, true).await
     }

@@ -1,7 +1,7 @@
 //! Crash safety of delayed messages on the default backend: a child process schedules
 //! delayed messages under `fsync=always` (its scheduler member moving those that fall
 //! due meanwhile) and is killed with SIGKILL; a restarted client then delivers every
-//! acknowledged delayed message, none before its due time.
+//! acknowledged delayed message once, none before its due time.
 
 use std::collections::{HashMap, HashSet};
 use std::io::{BufRead, BufReader, Write};
@@ -136,14 +136,23 @@ async fn acknowledged_delayed_messages_survive_kill_9() {
         lost.len(),
         want.len()
     );
-    let dups = seen.values().filter(|n| **n > 1).count();
-    // Moves in the last commit interval before a kill are repeated with the same id
-    // (docs/delay-and-transactions.md); report, do not hide.
+    // Wait out a possible late duplicate before counting.
+    let settle = Instant::now() + Duration::from_millis(1500);
+    while let Ok(Some((id, _, _))) =
+        tokio::time::timeout(settle.saturating_duration_since(Instant::now()), rx.recv()).await
+    {
+        *seen.entry(id).or_default() += 1;
+    }
+    let dups: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).collect();
     eprintln!(
-        "delay crash: {} acknowledged, {} delivered, {dups} delivered twice (same id)",
+        "delay crash: {} acknowledged, {} delivered, {} delivered twice",
         want.len(),
-        seen.len()
+        seen.len(),
+        dups.len()
     );
+    // A kill between a move's publish and its marker is resolved from the move's
+    // intent record: nothing due is delivered twice.
+    assert!(dups.is_empty(), "delivered more than once: {dups:?}");
     consumer.stop().await.expect("stop");
     client
         .shutdown(Duration::from_secs(10))

@@ -1,12 +1,14 @@
 //! The scheduler member's loop: ingest schedule-log deliveries into an index ordered
 //! by due time, move what is due, check back halves.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 use courier_core::{
-    now_millis, AckHandle, Delivery, Driver, Error, Record, Subscription, TopicPartition,
+    now_millis, partition_for_key, AckHandle, AckToken, Acker, Delivery, Driver, Error, Record,
+    Result, Subscription, TopicPartition,
 };
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
@@ -22,6 +24,74 @@ const MOVE_BATCH: usize = 4096;
 const RETRY_AFTER_MS: i64 = 1000;
 /// Longest a check-back may take before it counts as Unknown.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most target records scanned per target partition when recovering an interrupted
+/// move (the interrupted batch landed right after the recorded end offset).
+const VERIFY_SCAN_MAX: usize = 1_000_000;
+/// Due offsets of one partition this close together are read with one range read
+/// (reading a few unwanted records beats a round trip per record).
+const READ_GAP: u64 = 64;
+
+/// A pending delayed message on a backend that reads by position: 24 bytes, all the
+/// index keeps; the payload is read back from the schedule log when due.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct Slot {
+    due: i64,
+    partition: u32,
+    /// The lane generation it was indexed under: a slot of an older generation was
+    /// overtaken by a rewind or rebalance and is dropped when it surfaces.
+    gen: u32,
+    offset: u64,
+}
+
+/// How the slots of one schedule-log partition are settled: one acker and token
+/// template per partition instead of an ack handle per pending message.
+struct Lane {
+    acker: Arc<dyn Acker>,
+    topic: Arc<str>,
+    epoch: u64,
+    gen: u32,
+    /// Highest offset indexed in this generation (a lower one means a replay).
+    last: u64,
+}
+
+impl Lane {
+    fn token(&self, partition: u32, offset: u64) -> AckToken {
+        AckToken {
+            topic: self.topic.clone(),
+            partition,
+            offset,
+            epoch: self.epoch,
+            extra: None,
+        }
+    }
+
+    fn ack(&self, partition: u32, offset: u64) {
+        self.acker.ack(self.token(partition, offset));
+    }
+
+    fn is_stale(&self, partition: u32) -> bool {
+        self.acker.is_stale(&self.token(partition, self.last))
+    }
+}
+
+/// An announced, unconfirmed move: target topic, target partition, its end offset
+/// before the publish, message id.
+type Pending = (String, u32, u64, String);
+
+/// How a moved message is settled.
+enum Settle {
+    Slot(Slot),
+    Entry((u32, u64), AckHandle),
+}
+
+impl Settle {
+    fn pos(&self) -> (u32, u64) {
+        match self {
+            Settle::Slot(s) => (s.partition, s.offset),
+            Settle::Entry(pos, _) => *pos,
+        }
+    }
+}
 
 /// Where an entry's message is.
 enum Body {
@@ -52,7 +122,23 @@ pub(crate) struct Engine {
     opts: ScheduleOptions,
     by_position: bool,
     /// `(due ms, arrival)` → entry; arrival keeps equal due times in log order.
+    /// Halves, and delayed messages on backends that cannot read by position.
     index: BTreeMap<(i64, u64), Entry>,
+    /// Delayed messages on backends that read by position, earliest due first.
+    heap: BinaryHeap<Reverse<Slot>>,
+    lanes: HashMap<u32, Lane>,
+    /// Last lane generation per partition (kept when a lane goes).
+    gens: HashMap<u32, u32>,
+    /// Slots of partitions not caught up yet.
+    parked_slots: HashMap<u32, Vec<Slot>>,
+    /// Per partition not caught up yet: moves an earlier incarnation announced and
+    /// did not mark done, by schedule-log offset → (target topic, partition, end
+    /// offset before the publish, message id).
+    intents: HashMap<u32, HashMap<u64, Pending>>,
+    /// Caught-up partitions whose unfinished moves must be looked up in the targets.
+    to_verify: Vec<u32>,
+    /// Last offset read per partition (a lower one again is a replay).
+    last_seen: HashMap<u32, u64>,
     halves: HashMap<String, (i64, u64)>,
     seq: u64,
     hello: String,
@@ -90,6 +176,13 @@ impl Engine {
             opts,
             by_position,
             index: BTreeMap::new(),
+            heap: BinaryHeap::new(),
+            lanes: HashMap::new(),
+            gens: HashMap::new(),
+            parked_slots: HashMap::new(),
+            intents: HashMap::new(),
+            to_verify: Vec::new(),
+            last_seen: HashMap::new(),
             halves: HashMap::new(),
             seq: 0,
             hello: format!("__hello.{}", ulid::Ulid::new()),
@@ -109,10 +202,11 @@ impl Engine {
         self.greet(None).await;
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
-            self.sched
-                .pending
-                .store(self.index.len(), std::sync::atomic::Ordering::Relaxed);
-            let next = self.index.first_key_value().map(|((due, _), _)| *due);
+            self.sched.pending.store(
+                self.index.len() + self.heap.len(),
+                std::sync::atomic::Ordering::Relaxed,
+            );
+            let next = self.next_due();
             let sleep = tokio::time::sleep_until(instant_of(next.unwrap_or(i64::MAX)));
             tokio::select! {
                 biased;
@@ -124,6 +218,9 @@ impl Engine {
                         for d in batch {
                             self.ingest(d);
                         }
+                        if !self.to_verify.is_empty() {
+                            self.verify_intents().await;
+                        }
                     }
                     None => break,
                 },
@@ -132,6 +229,12 @@ impl Engine {
         // Unsettled entries are dropped (nacked) before the subscription closes and
         // commits, so they come back to the next member.
         self.index.clear();
+        self.heap.clear();
+        {
+            let mut book = self.sched.book.lock();
+            book.halves.clear();
+            book.caught_up.clear();
+        }
         self.sched
             .pending
             .store(0, std::sync::atomic::Ordering::Relaxed);
@@ -151,6 +254,14 @@ impl Engine {
             .iter()
             .filter(|(p, v)| !v.is_empty() && !self.greeted.contains(p))
             .map(|(p, _)| *p)
+            .chain(
+                self.parked_slots
+                    .iter()
+                    .filter(|(p, v)| !v.is_empty() && !self.greeted.contains(p))
+                    .map(|(p, _)| *p),
+            )
+            .collect::<std::collections::BTreeSet<u32>>()
+            .into_iter()
             .collect();
         if !waiting.is_empty() {
             self.greet(Some(waiting)).await;
@@ -188,15 +299,103 @@ impl Engine {
     /// Partition `p` caught up: release its parked entries, except those an earlier
     /// incarnation already moved.
     fn caught_up(&mut self, p: u32) {
+        if self.greeted.contains(&p) {
+            return;
+        }
+        if self.intents.get(&p).is_some_and(|m| !m.is_empty()) {
+            if !self.to_verify.contains(&p) {
+                self.to_verify.push(p);
+            }
+            return;
+        }
+        self.release(p);
+    }
+
+    /// Looks up, in their targets, the messages of moves an earlier incarnation
+    /// announced but did not mark done (it crashed in between): those found count as
+    /// moved, the rest are moved again. So a crash neither loses nor repeats them.
+    async fn verify_intents(&mut self) {
+        for p in std::mem::take(&mut self.to_verify) {
+            let intents = self.intents.remove(&p).unwrap_or_default();
+            let mut parked: HashSet<u64> = self
+                .parked_slots
+                .get(&p)
+                .map(|v| v.iter().map(|s| s.offset).collect())
+                .unwrap_or_default();
+            if let Some(v) = self.parked.get(&p) {
+                parked.extend(v.iter().map(|(_, e)| e.pos.1));
+            }
+            let mut by_target: HashMap<(String, u32), (u64, HashMap<String, u64>)> = HashMap::new();
+            for (off, (topic, tp, from, id)) in intents {
+                if parked.contains(&off) {
+                    let t = by_target
+                        .entry((topic, tp))
+                        .or_insert_with(|| (from, HashMap::new()));
+                    t.0 = t.0.min(from);
+                    t.1.insert(id, off);
+                }
+            }
+            let mut found = Vec::new();
+            let mut again = 0;
+            for ((topic, partition), (from, mut ids)) in by_target {
+                let tp = TopicPartition::new(&topic, partition);
+                let (mut at, mut scanned) = (from, 0);
+                while !ids.is_empty() && scanned < VERIFY_SCAN_MAX {
+                    match self.driver.read_records(&tp, at, 1024).await {
+                        Ok(records) => {
+                            let Some(last) = records.last().map(|(o, _)| *o) else {
+                                break;
+                            };
+                            scanned += records.len();
+                            for (_, r) in &records {
+                                if let Some(off) = ids.remove(&r.id) {
+                                    found.push(off);
+                                }
+                            }
+                            at = last + 1;
+                        }
+                        Err(e) => {
+                            tracing::warn!(%tp, error = %e, "scheduler: cannot look up an interrupted move; moving it again (may repeat it)");
+                            break;
+                        }
+                    }
+                }
+                again += ids.len();
+            }
+            tracing::info!(
+                partition = p,
+                arrived = found.len(),
+                again,
+                "scheduler: recovered moves interrupted by a crash"
+            );
+            self.moved.entry(p).or_default().extend(found);
+            self.release(p);
+        }
+    }
+
+    /// Partition `p` caught up (and its interrupted moves resolved): index its
+    /// parked entries, except those already moved.
+    fn release(&mut self, p: u32) {
         if !self.greeted.insert(p) {
             return;
         }
+        self.sched.book.lock().caught_up.insert(p);
         let moved = self.moved.remove(&p).unwrap_or_default();
         for (due, e) in self.parked.remove(&p).unwrap_or_default() {
             if moved.contains(&e.pos.1) {
                 e.ack.ack();
             } else {
                 self.insert(due, e);
+            }
+        }
+        let slots = self.parked_slots.remove(&p).unwrap_or_default();
+        if let Some(lane) = self.lanes.get(&p) {
+            for s in slots.into_iter().filter(|s| s.gen == lane.gen) {
+                if moved.contains(&s.offset) {
+                    lane.ack(p, s.offset);
+                } else {
+                    self.heap.push(Reverse(s));
+                }
             }
         }
         if self.greeted.len() as u32 >= self.partitions {
@@ -208,6 +407,7 @@ impl Engine {
         self.seq += 1;
         let key = (due, self.seq);
         if matches!(e.what, What::Half { .. }) {
+            self.sched.book.lock().halves.insert(e.id.clone());
             if let Some(old) = self.halves.insert(e.id.clone(), key) {
                 // Delivered again (rebalance or rewind): the newer copy wins.
                 self.index.remove(&old);
@@ -223,11 +423,45 @@ impl Engine {
             ack.discard();
             return;
         }
+        if self.by_position {
+            if let Some(last) = self.last_seen.insert(d.partition, d.offset) {
+                if d.offset <= last {
+                    self.rewound(d.partition, d.offset);
+                }
+            }
+        }
         match wire::kind(&d.headers) {
             Kind::Delay { due } => {
                 let pos = (d.partition, d.offset);
                 let body = if self.by_position {
-                    Body::At(d.partition, d.offset)
+                    match ack.into_parts() {
+                        Some((acker, token)) if token.extra.is_none() => {
+                            let gen = self.lane_for(d.partition, acker, &token);
+                            self.admit_slot(Slot {
+                                due,
+                                partition: d.partition,
+                                gen,
+                                offset: d.offset,
+                            });
+                            return;
+                        }
+                        Some((acker, token)) => {
+                            // A driver that needs more than the position to settle
+                            // keeps its handle per entry.
+                            let ack = AckHandle::new(acker, token);
+                            return self.admit(
+                                due,
+                                Entry {
+                                    pos,
+                                    id: String::new(),
+                                    what: What::Delay,
+                                    body: Body::At(d.partition, d.offset),
+                                    ack,
+                                },
+                            );
+                        }
+                        None => return,
+                    }
                 } else {
                     match target_of(d) {
                         Some(r) => Body::Target(r),
@@ -247,10 +481,31 @@ impl Engine {
             }
             Kind::Moved => {
                 if !self.greeted.contains(&d.partition) {
-                    self.moved
-                        .entry(d.partition)
-                        .or_default()
-                        .extend(wire::moved_offsets(&d.value));
+                    let offsets = wire::moved_offsets(&d.value);
+                    if let Some(intents) = self.intents.get_mut(&d.partition) {
+                        for o in &offsets {
+                            intents.remove(o);
+                        }
+                    }
+                    self.moved.entry(d.partition).or_default().extend(offsets);
+                }
+                ack.ack();
+            }
+            Kind::Intent => {
+                if !self.greeted.contains(&d.partition) {
+                    match wire::parse_intent(&d.value) {
+                        Some(i) => {
+                            let map = self.intents.entry(d.partition).or_default();
+                            for (off, t, id) in i.entries {
+                                if let Some((topic, tp, from)) = i.targets.get(t as usize) {
+                                    map.insert(off, (topic.clone(), *tp, *from, id));
+                                }
+                            }
+                        }
+                        None => {
+                            tracing::warn!(id = %d.id, "scheduler: unreadable move intent skipped")
+                        }
+                    }
                 }
                 ack.ack();
             }
@@ -295,6 +550,7 @@ impl Engine {
                         v.remove(i).1.ack.ack();
                     }
                 } else if let Some(key) = self.halves.remove(&id) {
+                    self.sched.book.lock().halves.remove(&id);
                     if let Some(mut e) = self.index.remove(&key) {
                         if commit {
                             // Committed: moved like a delayed message due now.
@@ -320,6 +576,93 @@ impl Engine {
         }
     }
 
+    /// The lane generation for a delivery settled by `acker`/`token`. A new acker, a
+    /// new epoch or an offset not above the last one means the partition was handed
+    /// over, rewound or replayed: its older slots are dropped (everything from the
+    /// restart point is delivered again) and its moved markers are read again before
+    /// its entries are released.
+    fn lane_for(&mut self, p: u32, acker: Arc<dyn Acker>, token: &AckToken) -> u32 {
+        if let Some(l) = self.lanes.get_mut(&p) {
+            if Arc::ptr_eq(&l.acker, &acker) && l.epoch == token.epoch && token.offset > l.last {
+                l.last = token.offset;
+                return l.gen;
+            }
+            tracing::info!(
+                partition = p,
+                offset = token.offset,
+                "scheduler: schedule-log partition rewound or handed over; re-indexing it"
+            );
+            self.ungreet(p);
+            self.parked_slots.remove(&p);
+        }
+        let gen = self.gens.entry(p).or_default();
+        *gen = gen.wrapping_add(1);
+        let gen = *gen;
+        self.lanes.insert(
+            p,
+            Lane {
+                acker,
+                topic: token.topic.clone(),
+                epoch: token.epoch,
+                gen,
+                last: token.offset,
+            },
+        );
+        gen
+    }
+
+    /// Partition `p` is read again from an earlier offset (rewind, or handed back):
+    /// what was parked or indexed from it comes again, so drop it and catch up anew.
+    fn rewound(&mut self, p: u32, offset: u64) {
+        tracing::info!(
+            partition = p,
+            offset,
+            "scheduler: schedule-log partition read again from an earlier offset; re-indexing it"
+        );
+        self.ungreet(p);
+        self.parked_slots.remove(&p);
+        if let Some(v) = self.parked.remove(&p) {
+            // Delivered again with fresh handles; settling these old ones would nack.
+            v.into_iter().for_each(|(_, e)| e.ack.discard());
+        }
+        self.moved.remove(&p);
+        self.intents.remove(&p);
+        if let Some(g) = self.gens.get_mut(&p) {
+            *g = g.wrapping_add(1);
+        }
+        self.lanes.remove(&p);
+        self.last_seen.insert(p, offset);
+    }
+
+    /// Partition `p` must be caught up with again before its entries are released
+    /// (and before decisions for its halves can be checked here).
+    fn ungreet(&mut self, p: u32) {
+        self.greeted.remove(&p);
+        self.sched.book.lock().caught_up.remove(&p);
+    }
+
+    fn admit_slot(&mut self, s: Slot) {
+        if self.greeted.contains(&s.partition) {
+            self.heap.push(Reverse(s));
+        } else {
+            self.parked_slots.entry(s.partition).or_default().push(s);
+        }
+    }
+
+    fn slot_live(&self, s: &Slot) -> bool {
+        self.lanes.get(&s.partition).is_some_and(|l| l.gen == s.gen)
+    }
+
+    /// Earliest due time in either index.
+    fn next_due(&self) -> Option<i64> {
+        let h = self.heap.peek().map(|Reverse(s)| s.due);
+        let i = self.index.first_key_value().map(|((due, _), _)| *due);
+        match (h, i) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
     fn insert_delay(&mut self, due: i64, pos: (u32, u64), body: Body, ack: AckHandle) {
         self.insert(
             due,
@@ -333,33 +676,86 @@ impl Engine {
         );
     }
 
-    /// Moves (or checks back) everything due now, in due order.
+    /// Moves (or checks back) everything due now, in due order, up to
+    /// [`MOVE_BATCH`] per call: one range read per run of due offsets, one publish to
+    /// the targets, one marker per schedule-log partition.
     async fn fire(&mut self) {
         let now = now_millis();
+        let mut slots = Vec::new();
         let mut due = Vec::new();
-        while due.len() < MOVE_BATCH {
-            match self.index.first_entry() {
-                Some(e) if e.key().0 <= now => due.push(e.remove()),
-                _ => break,
+        while slots.len() + due.len() < MOVE_BATCH {
+            let h = self
+                .heap
+                .peek()
+                .map(|Reverse(s)| s.due)
+                .filter(|d| *d <= now);
+            let i = self
+                .index
+                .first_key_value()
+                .map(|((d, _), _)| *d)
+                .filter(|d| *d <= now);
+            match (h, i) {
+                (Some(a), Some(b)) if b < a => due.extend(self.index.pop_first().map(|(_, e)| e)),
+                (Some(_), _) => slots.extend(self.heap.pop().map(|Reverse(s)| s)),
+                (None, Some(_)) => due.extend(self.index.pop_first().map(|(_, e)| e)),
+                (None, None) => break,
             }
         }
-        let mut moves: Vec<((u32, u64), AckHandle, Record)> = Vec::with_capacity(due.len());
-        let (mut found, failed) = self.read_positions(&due).await;
+        // A partition handed to another member: its slots are that member's now.
+        let touched: HashSet<u32> = slots.iter().map(|s| s.partition).collect();
+        for p in touched {
+            if self.lanes.get(&p).is_some_and(|l| l.is_stale(p)) {
+                self.lanes.remove(&p);
+                self.ungreet(p);
+            }
+        }
+        slots.retain(|s| self.slot_live(s));
+        let mut wanted: Vec<(u32, u64)> = slots.iter().map(|s| (s.partition, s.offset)).collect();
+        for e in &due {
+            if let (What::Delay, Body::At(p, o)) = (&e.what, &e.body) {
+                wanted.push((*p, *o));
+            }
+        }
+        let (mut found, failed) = self.read_positions(wanted).await;
+        let mut moves: Vec<(Settle, Record)> = Vec::with_capacity(slots.len() + due.len());
+        for s in slots {
+            match found.remove(&(s.partition, s.offset)) {
+                Some(r) => match wire::unwrap(r) {
+                    Some(r) => moves.push((Settle::Slot(s), r)),
+                    None => self.settle(Settle::Slot(s)),
+                },
+                None if failed.contains(&s.partition) => {
+                    self.heap.push(Reverse(Slot {
+                        due: now + RETRY_AFTER_MS,
+                        ..s
+                    }));
+                }
+                None => {
+                    tracing::error!(
+                        partition = s.partition,
+                        offset = s.offset,
+                        "scheduler: delayed message no longer in the schedule log"
+                    );
+                    self.settle(Settle::Slot(s));
+                }
+            }
+        }
         for e in due {
             if e.ack.is_stale() {
                 // The partition moved to another member, which has it again.
                 if matches!(e.what, What::Half { .. }) {
                     self.halves.remove(&e.id);
+                    self.sched.book.lock().halves.remove(&e.id);
                 }
                 e.ack.discard();
                 continue;
             }
             match e.what {
                 What::Delay => match e.body {
-                    Body::Target(r) => moves.push((e.pos, e.ack, r)),
+                    Body::Target(r) => moves.push((Settle::Entry(e.pos, e.ack), r)),
                     Body::At(p, offset) => match found.remove(&(p, offset)) {
                         Some(r) => match wire::unwrap(r) {
-                            Some(r) => moves.push((e.pos, e.ack, r)),
+                            Some(r) => moves.push((Settle::Entry(e.pos, e.ack), r)),
                             None => e.ack.ack(),
                         },
                         None if failed.contains(&p) => {
@@ -386,8 +782,13 @@ impl Engine {
                         e.ack.ack();
                         continue;
                     };
-                    match self.check(&e.id, &r, checks).await {
-                        TxnDecision::Commit => moves.push((e.pos, e.ack, r)),
+                    let decision = self.check(&e.id, &r, checks).await;
+                    if decision != TxnDecision::Unknown || checks + 1 >= self.opts.max_checks {
+                        // Decided here: a later commit or rollback finds nothing.
+                        self.sched.book.lock().halves.remove(&e.id);
+                    }
+                    match decision {
+                        TxnDecision::Commit => moves.push((Settle::Entry(e.pos, e.ack), r)),
                         TxnDecision::Rollback => {
                             tracing::info!(id = %e.id, "half rolled back by check-back");
                             e.ack.ack();
@@ -421,17 +822,23 @@ impl Engine {
         if moves.is_empty() {
             return;
         }
-        let mut acks = Vec::with_capacity(moves.len());
-        let mut records = Vec::with_capacity(moves.len());
-        let mut done: BTreeMap<u32, Vec<u64>> = BTreeMap::new();
-        for (pos, ack, r) in moves {
-            acks.push((pos, ack));
-            records.push(r);
-        }
-        match self.driver.publish(records.clone()).await {
-            Ok(_) => {
-                for (pos, _) in &acks {
-                    done.entry(pos.0).or_default().push(pos.1);
+        let (settles, mut records): (Vec<Settle>, Vec<Record>) = moves.into_iter().unzip();
+        // Entries held in memory are kept for a retry; slots are read again.
+        let backup: Vec<Option<Record>> = settles
+            .iter()
+            .zip(&records)
+            .map(|(s, r)| matches!(s, Settle::Entry(..)).then(|| r.clone()))
+            .collect();
+        let res = match self.write_intents(&settles, &mut records).await {
+            Ok(()) => self.driver.publish(records).await.map(|_| ()),
+            Err(e) => Err(e),
+        };
+        match res {
+            Ok(()) => {
+                let mut done: BTreeMap<u32, Vec<u64>> = BTreeMap::new();
+                for s in &settles {
+                    let (p, o) = s.pos();
+                    done.entry(p).or_default().push(o);
                 }
                 // Out-of-order acks are not committed while an earlier entry waits,
                 // so the log itself records what moved; a restart skips those.
@@ -442,48 +849,136 @@ impl Engine {
                 if let Err(e) = self.driver.publish(markers).await {
                     tracing::warn!(error = %e, "scheduler: recording moves failed; a crash now would repeat them (same ids)");
                 }
-                acks.into_iter().for_each(|(_, a)| a.ack());
+                for s in settles {
+                    self.settle(s);
+                }
             }
             Err(e) => {
-                tracing::warn!(error = %e, count = records.len(), "scheduler: moving due messages failed; retrying");
-                for ((pos, ack), r) in acks.into_iter().zip(records) {
-                    self.insert_delay(now + RETRY_AFTER_MS, pos, Body::Target(r), ack);
+                tracing::warn!(error = %e, count = settles.len(), "scheduler: moving due messages failed; retrying");
+                for (s, r) in settles.into_iter().zip(backup) {
+                    match (s, r) {
+                        (Settle::Slot(s), _) => self.heap.push(Reverse(Slot {
+                            due: now + RETRY_AFTER_MS,
+                            ..s
+                        })),
+                        (Settle::Entry(pos, ack), Some(r)) => {
+                            self.insert_delay(now + RETRY_AFTER_MS, pos, Body::Target(r), ack)
+                        }
+                        (Settle::Entry(_, ack), None) => drop(ack),
+                    }
                 }
             }
         }
     }
 
-    /// Reads the due entries stored by position, one range read per run of offsets
-    /// per partition. Returns what was found and the partitions whose read failed
-    /// (their entries are retried).
-    async fn read_positions(&self, due: &[Entry]) -> (HashMap<(u32, u64), Record>, HashSet<u32>) {
-        let mut wanted: BTreeMap<u32, Vec<u64>> = BTreeMap::new();
-        for e in due {
-            if let (What::Delay, Body::At(p, o)) = (&e.what, &e.body) {
-                wanted.entry(*p).or_default().push(*o);
+    /// On backends that read by position, records where each due message goes (its
+    /// target partition fixed now) and how far each target partition reached, before
+    /// the publish: see [`Engine::verify_intents`].
+    async fn write_intents(&self, settles: &[Settle], records: &mut [Record]) -> Result<()> {
+        if !self.by_position {
+            return Ok(());
+        }
+        let mut ends: HashMap<String, Vec<u64>> = HashMap::new();
+        for r in records.iter() {
+            if !ends.contains_key(&r.topic) {
+                let info = self.driver.describe_topic(&r.topic).await?;
+                let mut v = vec![0; info.partitions.len()];
+                for p in &info.partitions {
+                    if let Some(slot) = v.get_mut(p.partition as usize) {
+                        *slot = p.end_offset;
+                    }
+                }
+                ends.insert(r.topic.clone(), v);
             }
+        }
+        let mut per: BTreeMap<u32, wire::Intent> = BTreeMap::new();
+        for (s, r) in settles.iter().zip(records.iter_mut()) {
+            let Some(e) = ends.get(&r.topic).filter(|e| !e.is_empty()) else {
+                continue;
+            };
+            let part = *r.partition.get_or_insert_with(|| {
+                let key = r.key.as_deref().unwrap_or(r.id.as_bytes());
+                partition_for_key(key, e.len() as u32)
+            });
+            let end = e.get(part as usize).copied().unwrap_or(0);
+            let (sp, so) = s.pos();
+            let intent = per.entry(sp).or_default();
+            let t = match intent
+                .targets
+                .iter()
+                .position(|(t, p, _)| *t == r.topic && *p == part)
+            {
+                Some(t) => t,
+                None => {
+                    intent.targets.push((r.topic.clone(), part, end));
+                    intent.targets.len() - 1
+                }
+            };
+            intent.entries.push((so, t as u32, r.id.clone()));
+        }
+        let records = per
+            .iter()
+            .map(|(p, i)| wire::intent(*p, i, &self.log))
+            .collect();
+        self.driver.publish(records).await?;
+        Ok(())
+    }
+
+    /// Acknowledges a moved (or dropped) entry.
+    fn settle(&self, s: Settle) {
+        match s {
+            Settle::Slot(s) => {
+                if let Some(l) = self.lanes.get(&s.partition).filter(|l| l.gen == s.gen) {
+                    l.ack(s.partition, s.offset);
+                }
+            }
+            Settle::Entry(_, ack) => ack.ack(),
+        }
+    }
+
+    /// Reads schedule-log records by position: one range read per run of nearby
+    /// offsets per partition. Returns what was found and the partitions whose read
+    /// failed (their entries are retried).
+    async fn read_positions(
+        &self,
+        wanted: Vec<(u32, u64)>,
+    ) -> (HashMap<(u32, u64), Record>, HashSet<u32>) {
+        let mut by_partition: BTreeMap<u32, Vec<u64>> = BTreeMap::new();
+        for (p, o) in wanted {
+            by_partition.entry(p).or_default().push(o);
         }
         let mut found = HashMap::new();
         let mut failed = HashSet::new();
-        for (p, mut offsets) in wanted {
+        for (p, mut offsets) in by_partition {
             offsets.sort_unstable();
+            offsets.dedup();
             let tp = TopicPartition::new(&self.log, p);
-            let last = offsets[offsets.len() - 1];
             let mut i = 0;
             while i < offsets.len() {
                 let from = offsets[i];
-                let span = (last - from + 1).min(MOVE_BATCH as u64) as usize;
+                let mut j = i;
+                while j + 1 < offsets.len()
+                    && offsets[j + 1] - offsets[j] <= READ_GAP
+                    && offsets[j + 1] - from < MOVE_BATCH as u64
+                {
+                    j += 1;
+                }
+                let span = (offsets[j] - from + 1) as usize;
                 match self.driver.read_records(&tp, from, span).await {
                     Ok(records) => {
-                        let Some(end) = records.last().map(|(o, _)| *o) else {
-                            break;
-                        };
+                        let end = records.last().map(|(o, _)| *o);
                         for (o, r) in records {
-                            found.insert((p, o), r);
+                            if offsets[i..=j].binary_search(&o).is_ok() {
+                                found.insert((p, o), r);
+                            }
                         }
-                        while i < offsets.len() && offsets[i] <= end {
-                            i += 1;
-                        }
+                        // A short read (records deleted) moves on past what it saw.
+                        i = match end {
+                            Some(end) if end < offsets[j] => {
+                                i + offsets[i..=j].partition_point(|o| *o <= end).max(1)
+                            }
+                            _ => j + 1,
+                        };
                     }
                     Err(e) => {
                         tracing::warn!(%tp, error = %e, "scheduler: reading due messages failed; retrying");

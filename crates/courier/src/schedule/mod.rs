@@ -14,6 +14,7 @@
 mod engine;
 pub(crate) mod wire;
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -78,6 +79,25 @@ pub(crate) struct Started {
     ready: watch::Receiver<bool>,
 }
 
+impl Started {
+    /// `r` as a delayed record of this member's schedule log.
+    pub(crate) fn delayed(&self, r: Record, due: i64) -> Record {
+        wire::delay(r, due, &self.log, self.partitions)
+    }
+}
+
+/// What this member knows about undecided halves, shared between the engine and
+/// [`Scheduler::decide`] so a decision for a half it owns but does not hold fails
+/// with [`Error::TxnNotFound`] instead of being written and ignored.
+#[derive(Default)]
+pub(crate) struct Book {
+    /// Undecided halves in this member's index (or just prepared through it).
+    pub(crate) halves: HashSet<String>,
+    /// Schedule-log partitions this member owns and has read to its own marker:
+    /// for those, `halves` is complete.
+    pub(crate) caught_up: HashSet<u32>,
+}
+
 /// One client's scheduler member, started on first use.
 pub(crate) struct Scheduler {
     driver: Arc<dyn Driver>,
@@ -90,6 +110,7 @@ pub(crate) struct Scheduler {
     session_timeout: Duration,
     /// Entries in this member's index (delayed messages and halves).
     pub(crate) pending: std::sync::atomic::AtomicUsize,
+    pub(crate) book: Mutex<Book>,
 }
 
 impl Scheduler {
@@ -111,6 +132,7 @@ impl Scheduler {
             commit_interval: Duration::from_millis(50),
             session_timeout,
             pending: std::sync::atomic::AtomicUsize::new(0),
+            book: Mutex::new(Book::default()),
         }
     }
 
@@ -190,6 +212,11 @@ impl Scheduler {
         })
     }
 
+    /// The started member, if it runs.
+    pub(crate) fn started(&self) -> Option<&Started> {
+        self.started.get()
+    }
+
     /// Waits until this member owns every partition of the schedule log (one-member
     /// deployments and tests).
     pub(crate) async fn ready(self: &Arc<Self>, timeout: Duration) -> Result<()> {
@@ -204,7 +231,7 @@ impl Scheduler {
     /// `r` as a delayed record of the schedule log.
     pub(crate) async fn delayed(self: &Arc<Self>, r: Record, due: i64) -> Result<Record> {
         let s = self.ensure_started().await?;
-        Ok(wire::delay(r, due, &s.log, s.partitions))
+        Ok(s.delayed(r, due))
     }
 
     /// `r` as a half of the schedule log.
@@ -214,7 +241,22 @@ impl Scheduler {
         Ok(wire::half(r, check_at, &s.log, s.partitions))
     }
 
-    /// Durably records the decision for half `id`.
+    /// Notes a half just prepared through this member, when it owns the half's
+    /// partition (so an immediate decision finds it before the engine reads it).
+    pub(crate) fn prepared(&self, id: &str) {
+        let Some(s) = self.started.get() else { return };
+        let p = wire::partition_for(id, s.partitions);
+        let mut book = self.book.lock();
+        if book.caught_up.contains(&p) {
+            book.halves.insert(id.to_string());
+        }
+    }
+
+    /// Durably records the decision for half `id`. [`Error::TxnNotFound`] when this
+    /// member owns the half's partition, has caught up with it, and holds no such
+    /// undecided half; a half owned by another member (or while catching up after a
+    /// start) cannot be checked here, so its decision is written and applied (or
+    /// ignored) by the owner.
     pub(crate) async fn decide(self: &Arc<Self>, id: &str, commit: bool) -> Result<()> {
         if id.is_empty() {
             return Err(Error::InvalidArgument(
@@ -222,9 +264,26 @@ impl Scheduler {
             ));
         }
         let s = self.ensure_started().await?;
-        self.driver
+        let p = wire::partition_for(id, s.partitions);
+        let held = {
+            let mut book = self.book.lock();
+            if book.caught_up.contains(&p) {
+                if !book.halves.remove(id) {
+                    return Err(Error::TxnNotFound(id.to_string()));
+                }
+                true
+            } else {
+                false
+            }
+        };
+        let res = self
+            .driver
             .publish(vec![wire::op(id, commit, &s.log, s.partitions)])
-            .await?;
-        Ok(())
+            .await;
+        if res.is_err() && held {
+            // Not decided after all: a retry must find it.
+            self.book.lock().halves.insert(id.to_string());
+        }
+        res.map(|_| ())
     }
 }

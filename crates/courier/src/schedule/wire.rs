@@ -32,6 +32,9 @@ pub(crate) enum Kind {
     Op { id: String, commit: bool },
     /// Offsets of this partition moved to their targets (listed in the value).
     Moved,
+    /// Offsets of this partition about to be published to their targets (see
+    /// [`Intent`]); a `Moved` marker for them follows unless the member crashed.
+    Intent,
     /// Not ours (written by a newer version or by hand): acknowledged and skipped.
     Unknown,
 }
@@ -99,6 +102,39 @@ pub(crate) fn moved(partition: u32, offsets: &[u64], log: &str) -> Record {
     }
 }
 
+/// Written before a due batch is published: which schedule-log offsets go where
+/// (message id, target partition) and how far each target partition reached just
+/// before, so a member recovering from a crash between the publish and the `moved`
+/// marker can look in the targets for what already arrived instead of publishing it
+/// again.
+#[derive(Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub(crate) struct Intent {
+    /// Target partitions: topic, partition, end offset observed before the publish.
+    pub(crate) targets: Vec<(String, u32, u64)>,
+    /// Schedule-log offset, index into `targets`, message id.
+    pub(crate) entries: Vec<(u64, u32, String)>,
+}
+
+/// `intent` as a record of schedule-log partition `partition`.
+pub(crate) fn intent(partition: u32, intent: &Intent, log: &str) -> Record {
+    let mut headers = Headers::new();
+    headers.insert(HEADER_KIND, "intent");
+    Record {
+        topic: log.to_string(),
+        partition: Some(partition),
+        id: ulid::Ulid::new().to_string(),
+        key: None,
+        value: Bytes::from(serde_json::to_vec(intent).unwrap_or_default()),
+        headers,
+        timestamp: courier_core::now_millis(),
+    }
+}
+
+/// The intent an `intent` record carries (`None` when unreadable).
+pub(crate) fn parse_intent(value: &[u8]) -> Option<Intent> {
+    serde_json::from_slice(value).ok()
+}
+
 /// The offsets a `moved` marker lists.
 pub(crate) fn moved_offsets(value: &[u8]) -> Vec<u64> {
     value
@@ -121,6 +157,7 @@ pub(crate) fn kind(h: &Headers) -> Kind {
             num(h, HEADER_CHECK_AT).map_or(Kind::Unknown, |check_at| Kind::Half { check_at })
         }
         Some("moved") => Kind::Moved,
+        Some("intent") => Kind::Intent,
         Some("op") => match (h.get_str(HEADER_TXN_ID), h.get_str(HEADER_TXN_OP)) {
             (Some(id), Some(op @ ("commit" | "rollback"))) => Kind::Op {
                 id: id.to_string(),
@@ -185,5 +222,12 @@ mod tests {
         let m = moved(3, &[7, 1 << 40], "l");
         assert_eq!((kind(&m.headers), m.partition), (Kind::Moved, Some(3)));
         assert_eq!(moved_offsets(&m.value), vec![7, 1 << 40]);
+        let want = Intent {
+            targets: vec![("t".into(), 1, 40)],
+            entries: vec![(7, 0, "id".into())],
+        };
+        let i = intent(3, &want, "l");
+        assert_eq!((kind(&i.headers), i.partition), (Kind::Intent, Some(3)));
+        assert_eq!(parse_intent(&i.value), Some(want));
     }
 }
