@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use courier_core::{partition_for_key, Error, Receipt, Record, Result};
 use lapin::options::BasicPublishOptions;
+use lapin::Confirmation;
 use tokio::sync::Mutex;
 
 use crate::codec;
@@ -50,7 +51,9 @@ impl Publisher {
         loop {
             match self.try_publish(&batch).await {
                 Ok(r) => return Ok(r),
-                Err(e @ Error::Connection { .. }) if attempt < self.retry_max => {
+                Err(e @ (Error::Connection { .. } | Error::NotReady(_)))
+                    if attempt < self.retry_max =>
+                {
                     attempt += 1;
                     tracing::warn!(error = %e, attempt, "publish failed; retrying on a new connection");
                     tokio::time::sleep(std::time::Duration::from_millis(200 * u64::from(attempt)))
@@ -105,7 +108,13 @@ impl Publisher {
                     .basic_publish(
                         names::exchange(&r.topic).into(),
                         rk.as_str().into(),
-                        BasicPublishOptions::default(),
+                        // Mandatory: a message no partition stream takes (bindings not
+                        // recovered yet after a broker restart) comes back instead of
+                        // being confirmed and dropped.
+                        BasicPublishOptions {
+                            mandatory: self.confirm,
+                            ..Default::default()
+                        },
                         &r.value,
                         props,
                     )
@@ -117,12 +126,20 @@ impl Publisher {
         };
         if self.confirm {
             for c in confirms {
-                let c = c.await.map_err(err)?;
-                if c.is_nack() {
-                    return Err(Error::backend(
-                        crate::BACKEND,
-                        "the broker refused the message (nack)",
-                    ));
+                match c.await.map_err(err)? {
+                    Confirmation::Nack(_) => {
+                        return Err(Error::NotReady(
+                            "RabbitMQ refused the message (nack)".into(),
+                        ))
+                    }
+                    Confirmation::Ack(Some(returned)) => {
+                        return Err(Error::NotReady(format!(
+                            "RabbitMQ routed the message to no partition stream ({} {}); \
+                             the topic's bindings are missing or not recovered yet",
+                            returned.reply_code, returned.reply_text
+                        )))
+                    }
+                    Confirmation::Ack(None) | Confirmation::NotRequested => {}
                 }
             }
         }
