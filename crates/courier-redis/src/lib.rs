@@ -11,6 +11,7 @@ mod admin;
 mod codec;
 mod group;
 mod keys;
+mod lane;
 mod publish;
 mod reader;
 mod resp;
@@ -34,6 +35,7 @@ pub use admin::RETENTION_MESSAGES;
 use crate::admin::Admin;
 use crate::group::Coordinator;
 use crate::keys::Keys;
+use crate::lane::Lane;
 use crate::publish::Publisher;
 use crate::reader::Reader;
 use crate::state::Shared;
@@ -56,7 +58,8 @@ pub(crate) fn redis_error(e: redis::RedisError) -> Error {
 }
 
 /// The Redis Streams backend. Cheap to share: one multiplexed connection (with
-/// reconnect) for publishing and admin, plus one per subscription for blocking reads.
+/// reconnect) for admin, one for publishing (owned by the ordered publish lane), plus
+/// one per subscription for blocking reads.
 pub struct RedisDriver {
     client: redis::Client,
     admin: Arc<Admin>,
@@ -122,8 +125,15 @@ impl RedisDriver {
             .find_map(|l| l.trim().strip_prefix("connected_slaves:"))
             .and_then(|n| n.trim().parse().ok())
             .unwrap_or(0);
-        let admin = Arc::new(Admin::new(conn.clone(), Keys::new(prefix)));
-        let publisher = Publisher::new(conn, admin.clone(), &config, replicas);
+        let admin = Arc::new(Admin::new(conn, Keys::new(prefix)));
+        let lane = Lane::start(
+            client.clone(),
+            redis::AsyncConnectionConfig::new()
+                .set_response_timeout(Some(RESPONSE_TIMEOUT))
+                .set_connection_timeout(Some(Duration::from_secs(5))),
+            config.producer.retry_max,
+        );
+        let publisher = Publisher::new(lane, admin.clone(), &config, replicas);
         tracing::info!(config = ?config.redacted(), replicas, "redis driver connected");
         Ok(Self {
             client,
@@ -150,7 +160,8 @@ impl Driver for RedisDriver {
             delayed_delivery: false,
             native_compression: false,
             dense_offsets: true,
-            max_in_flight_publishes: 1,
+            // The lane keeps calls in order (see `lane`).
+            max_in_flight_publishes: lane::WINDOW,
         }
     }
 

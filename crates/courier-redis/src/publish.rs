@@ -1,6 +1,7 @@
-//! Publishing: one pipeline (one round trip) per batch, partitions by Courier's
-//! murmur2, retries of connection failures up to `retry_max`, `WAIT` for replicas when
-//! `acks = -1` and the server has replicas.
+//! Publishing: one pipeline per batch, several batches in flight on one connection
+//! in order (see [`crate::lane`]), partitions by Courier's murmur2, resends of
+//! connection failures up to `retry_max`, `WAIT` for replicas when `acks = -1` and the
+//! server has replicas.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -8,11 +9,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use courier_core::{partition_for_key, Acks, Error, Receipt, Record, Result};
-use redis::aio::ConnectionManager;
 use redis::Value;
 
 use crate::admin::{Admin, TopicMeta};
 use crate::codec::{self, FIELD_META, FIELD_VALUE, NEXT_ID};
+use crate::lane::Lane;
 use crate::{redis_error, resp, BACKEND};
 
 /// How long a topic's partition count and retention are trusted before they are read
@@ -61,20 +62,41 @@ return redis.call('XTRIM', KEYS[1], 'MINID', '0-' .. lo)
 
 struct Cached {
     meta: TopicMeta,
+    /// The partition stream keys, built once rather than per message.
+    streams: Arc<[String]>,
     fetched: Instant,
     /// Keyless records stick to one partition per publish call, rotating between calls.
     sticky: Arc<AtomicU32>,
 }
 
+/// A topic's settings as one publish call uses them.
+struct Chosen {
+    meta: TopicMeta,
+    streams: Arc<[String]>,
+    sticky: Arc<AtomicU32>,
+    /// This call's partition for keyless records.
+    start: u32,
+}
+
+impl Chosen {
+    fn of(c: &Cached) -> Self {
+        Self {
+            meta: c.meta.clone(),
+            streams: c.streams.clone(),
+            sticky: c.sticky.clone(),
+            start: 0,
+        }
+    }
+}
+
 /// The producing half of the driver.
 pub(crate) struct Publisher {
-    conn: ConnectionManager,
+    lane: Lane,
     admin: Arc<Admin>,
     topics: Mutex<HashMap<String, Cached>>,
     /// When each partition was last trimmed by time.
     trimmed: Mutex<HashMap<(String, u32), Instant>>,
     acks: Acks,
-    retry_max: u32,
     default_partitions: u32,
     /// Replicas to `WAIT` for (acks = -1), found at connect.
     replicas: usize,
@@ -82,18 +104,17 @@ pub(crate) struct Publisher {
 
 impl Publisher {
     pub(crate) fn new(
-        conn: ConnectionManager,
+        lane: Lane,
         admin: Arc<Admin>,
         config: &courier_core::Config,
         replicas: usize,
     ) -> Self {
         Self {
-            conn,
+            lane,
             admin,
             topics: Mutex::new(HashMap::new()),
             trimmed: Mutex::new(HashMap::new()),
             acks: config.producer.acks,
-            retry_max: config.producer.retry_max,
             default_partitions: config.default_partitions.max(1),
             replicas,
         }
@@ -106,15 +127,15 @@ impl Publisher {
         }
     }
 
-    fn cached(&self, topic: &str) -> Option<(TopicMeta, Arc<AtomicU32>)> {
+    fn cached(&self, topic: &str) -> Option<Chosen> {
         let t = self.topics.lock().ok()?;
         let c = t.get(topic)?;
-        (c.fetched.elapsed() < META_TTL).then(|| (c.meta.clone(), c.sticky.clone()))
+        (c.fetched.elapsed() < META_TTL).then(|| Chosen::of(c))
     }
 
     /// The topic's settings; a topic not yet known is created with the default
     /// partition count (as on every Courier backend).
-    async fn topic(&self, topic: &str) -> Result<(TopicMeta, Arc<AtomicU32>)> {
+    async fn topic(&self, topic: &str) -> Result<Chosen> {
         if let Some(c) = self.cached(topic) {
             return Ok(c);
         }
@@ -122,22 +143,27 @@ impl Publisher {
             .admin
             .meta_or_create(topic, self.default_partitions)
             .await?;
-        let sticky = Arc::new(AtomicU32::new(rand_start()));
+        let keys = self.admin.keys();
+        let cached = Cached {
+            streams: (0..meta.partitions.max(1))
+                .map(|p| keys.stream(topic, p))
+                .collect(),
+            meta,
+            fetched: Instant::now(),
+            sticky: Arc::new(AtomicU32::new(rand_start())),
+        };
+        let chosen = Chosen::of(&cached);
         if let Ok(mut t) = self.topics.lock() {
-            t.insert(
-                topic.to_string(),
-                Cached {
-                    meta: meta.clone(),
-                    fetched: Instant::now(),
-                    sticky: sticky.clone(),
-                },
-            );
+            t.insert(topic.to_string(), cached);
         }
-        Ok((meta, sticky))
+        Ok(chosen)
     }
 
-    /// Publishes `batch` in one pipeline; receipts in input order.
+    /// Publishes `batch` in one pipeline; receipts in input order. Calls started one
+    /// after another are written to Redis in that order, whatever their awaits do.
     pub(crate) async fn publish(&self, batch: Vec<Record>) -> Result<Vec<Receipt>> {
+        // Before any await: this fixes the batch's place among concurrent calls.
+        let ticket = self.lane.ticket();
         let total = batch.len();
         if total == 0 {
             return Ok(Vec::new());
@@ -147,21 +173,21 @@ impl Publisher {
             total,
             source: Box::new(e),
         };
-        let mut chosen: HashMap<&str, (TopicMeta, u32)> = HashMap::new();
+        let mut chosen: HashMap<&str, Chosen> = HashMap::new();
         for r in &batch {
             if !chosen.contains_key(r.topic.as_str()) {
-                let (meta, sticky) = self.topic(&r.topic).await.map_err(fail)?;
-                let n = meta.partitions.max(1);
-                let start = sticky.fetch_add(1, Ordering::Relaxed) % n;
-                chosen.insert(r.topic.as_str(), (meta, start));
+                let mut c = self.topic(&r.topic).await.map_err(fail)?;
+                c.start = c.sticky.fetch_add(1, Ordering::Relaxed) % c.meta.partitions.max(1);
+                chosen.insert(r.topic.as_str(), c);
             }
         }
-        let mut pipe = redis::pipe();
+        let mut pipe = redis::Pipeline::with_capacity(total + 1);
         pipe.ignore_errors();
         let mut partitions = Vec::with_capacity(total);
+        let mut meta_buf = Vec::with_capacity(64);
         for r in &batch {
-            let (meta, sticky) = &chosen[r.topic.as_str()];
-            let n = meta.partitions.max(1);
+            let c = &chosen[r.topic.as_str()];
+            let n = c.meta.partitions.max(1);
             let partition = match (r.partition, &r.key) {
                 (Some(p), _) => {
                     if p >= n {
@@ -173,20 +199,26 @@ impl Publisher {
                     p
                 }
                 (None, Some(k)) => partition_for_key(k, n),
-                (None, None) => *sticky,
+                (None, None) => c.start,
             };
             partitions.push(partition);
-            let cmd = pipe
-                .cmd("XADD")
-                .arg(self.admin.keys().stream(&r.topic, partition));
-            if let Some(max) = meta.max_len {
+            meta_buf.clear();
+            codec::encode_meta_into(&mut meta_buf, r);
+            let stream = &c.streams[partition as usize];
+            // Sized up front: growing the argument buffer step by step was a good part
+            // of the client's time per message.
+            let mut cmd =
+                redis::Cmd::with_capacity(10, 32 + stream.len() + meta_buf.len() + r.value.len());
+            cmd.arg("XADD").arg(stream.as_str());
+            if let Some(max) = c.meta.max_len {
                 cmd.arg("MAXLEN").arg("~").arg(max);
             }
             cmd.arg(NEXT_ID)
                 .arg(FIELD_META)
-                .arg(codec::encode_meta(r))
+                .arg(meta_buf.as_slice())
                 .arg(FIELD_VALUE)
                 .arg(r.value.as_ref());
+            pipe.add_command(cmd);
         }
         let trims = self.push_trims(&mut pipe, &batch, &partitions, &chosen);
         let wait = self.acks == Acks::All && self.replicas > 0;
@@ -195,7 +227,12 @@ impl Publisher {
                 .arg(self.replicas)
                 .arg(WAIT_REPLICAS.as_millis() as u64);
         }
-        let replies = self.send(&pipe).await.map_err(fail)?;
+        let replies = ticket
+            .send(pipe)
+            .await
+            .map_err(|_| Error::connection(BACKEND, "the publishing task stopped"))
+            .and_then(|r| r.map_err(redis_error))
+            .map_err(fail)?;
         if wait {
             let acked = replies.last().and_then(resp::int).unwrap_or(0);
             if (acked as usize) < self.replicas {
@@ -255,9 +292,9 @@ impl Publisher {
         pipe: &mut redis::Pipeline,
         batch: &[Record],
         partitions: &[u32],
-        chosen: &HashMap<&str, (TopicMeta, u32)>,
+        chosen: &HashMap<&str, Chosen>,
     ) -> usize {
-        if chosen.values().all(|(m, _)| m.retention_ms.is_none()) {
+        if chosen.values().all(|c| c.meta.retention_ms.is_none()) {
             return 0;
         }
         let Ok(mut trimmed) = self.trimmed.lock() else {
@@ -266,7 +303,7 @@ impl Publisher {
         let now = Instant::now();
         let mut added = 0;
         for (r, p) in batch.iter().zip(partitions) {
-            let Some(ms) = chosen[r.topic.as_str()].0.retention_ms else {
+            let Some(ms) = chosen[r.topic.as_str()].meta.retention_ms else {
                 continue;
             };
             let due = trimmed
@@ -285,33 +322,6 @@ impl Publisher {
         }
         added
     }
-
-    /// Sends the pipeline; a broken connection is retried up to `retry_max` times (the
-    /// connection manager reconnects in between). A retried batch may be stored twice
-    /// when the first attempt reached the server but its reply was lost.
-    async fn send(&self, pipe: &redis::Pipeline) -> Result<Vec<Value>> {
-        let mut attempt = 0u32;
-        loop {
-            let mut conn = self.conn.clone();
-            match pipe.query_async::<Vec<Value>>(&mut conn).await {
-                Ok(v) => return Ok(v),
-                Err(e) if retryable(&e) && attempt < self.retry_max => {
-                    attempt += 1;
-                    tracing::warn!(error = %e, attempt, "publish failed; retrying");
-                    tokio::time::sleep(Duration::from_millis(100) * attempt).await;
-                }
-                Err(e) => return Err(redis_error(e)),
-            }
-        }
-    }
-}
-
-fn retryable(e: &redis::RedisError) -> bool {
-    e.is_io_error()
-        || e.is_connection_dropped()
-        || e.is_connection_refusal()
-        || e.is_timeout()
-        || e.code() == Some("LOADING")
 }
 
 /// A start for keyless rotation that differs between processes.
