@@ -22,9 +22,9 @@ use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, RedisResult, Value};
 use tokio::sync::{mpsc, oneshot};
 
-/// Most pipelines in flight on the publishing connection. Above 2–3 the server is
-/// never idle; more only adds memory and latency under load.
-pub(crate) const WINDOW: usize = 4;
+/// Most pipelines (of up to 1000 commands) in flight on the publishing connection.
+/// A few keep the server busy; more only add memory and latency under load.
+pub(crate) const WINDOW: usize = 8;
 
 /// Wait before resending after the n-th failed attempt (× n).
 const BACKOFF: Duration = Duration::from_millis(100);
@@ -90,13 +90,16 @@ impl Lane {
         }
     }
 
-    /// Takes the next place in order. Call before the first await of a publish.
-    pub(crate) fn ticket(&self) -> Ticket<'_> {
-        Ticket {
-            lane: self,
-            n: self.next.fetch_add(1, Ordering::Relaxed),
-            used: false,
-        }
+    /// Takes the next `n` places in order. Call before the first await of a publish.
+    pub(crate) fn tickets(&self, n: usize) -> VecDeque<Ticket<'_>> {
+        let first = self.next.fetch_add(n as u64, Ordering::Relaxed);
+        (first..first + n as u64)
+            .map(|n| Ticket {
+                lane: self,
+                n,
+                used: false,
+            })
+            .collect()
     }
 }
 
