@@ -91,6 +91,45 @@ fn split_prefix(url: &str) -> (String, Option<String>) {
     (url, prefix)
 }
 
+/// Backend setting: a PEM file of the CA(s) that signed the server's certificate, for
+/// `rediss://` servers whose certificate the system's roots do not vouch for.
+pub const TLS_CA_FILE: &str = "redis.tls_ca_file";
+
+/// The client for `url`; `rediss://` connects over TLS (rustls), verifying the server
+/// against the system's roots or the CA file of [`TLS_CA_FILE`].
+fn open_client(url: &str, config: &Config) -> Result<redis::Client> {
+    let invalid = |reason: String| Error::InvalidUrl {
+        url: courier_core::config::redact_url(url),
+        reason,
+    };
+    let ca_file = config.backend.get(TLS_CA_FILE);
+    if !url.starts_with("rediss://") {
+        if ca_file.is_some() {
+            return Err(invalid(format!(
+                "{TLS_CA_FILE} is set but the URL is not rediss://"
+            )));
+        }
+        return redis::Client::open(url).map_err(|e| invalid(e.to_string()));
+    }
+    // Several crates in one process may enable different rustls providers; pick ring
+    // explicitly (an error only means a provider is installed already).
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let root_cert = match ca_file {
+        Some(path) => Some(std::fs::read(path).map_err(|e| {
+            Error::InvalidArgument(format!("{TLS_CA_FILE} {path:?} cannot be read: {e}"))
+        })?),
+        None => None,
+    };
+    redis::Client::build_with_tls(
+        url,
+        redis::TlsCertificates {
+            client_tls: None,
+            root_cert,
+        },
+    )
+    .map_err(|e| invalid(e.to_string()))
+}
+
 fn manager_config() -> ConnectionManagerConfig {
     ConnectionManagerConfig::new()
         .set_response_timeout(Some(RESPONSE_TIMEOUT + reader::BLOCK))
@@ -101,17 +140,14 @@ fn manager_config() -> ConnectionManagerConfig {
 
 impl RedisDriver {
     /// Connects to the server of `config`'s URL (`redis://[user:pass@]host:port[/db]
-    /// [?prefix=…]`) and checks that it answers.
+    /// [?prefix=…]`, or `rediss://…` for TLS) and checks that it answers.
     pub async fn connect(config: Config) -> Result<Self> {
         config.validate()?;
         let (url, prefix) = split_prefix(config.url_or_default());
         let prefix = prefix
             .or_else(|| config.backend.get("redis.prefix").cloned())
             .unwrap_or_else(|| DEFAULT_PREFIX.to_string());
-        let client = redis::Client::open(url.as_str()).map_err(|e| Error::InvalidUrl {
-            url: courier_core::config::redact_url(&url),
-            reason: e.to_string(),
-        })?;
+        let client = open_client(&url, &config)?;
         let mut conn = ConnectionManager::new_with_config(client.clone(), manager_config())
             .await
             .map_err(|e| Error::connection(BACKEND, e))?;
