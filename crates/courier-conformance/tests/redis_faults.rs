@@ -4,6 +4,10 @@
 //!   is killed with SIGKILL mid-stream and restarted on the same data: producers
 //!   surface errors or retry, consumers resume, no acknowledged message is lost, and
 //!   duplicates are counted;
+//! - every client connection killed (`CLIENT KILL`) again and again while thousands
+//!   of keyed sends are in flight: every acknowledged message arrives, and per key the
+//!   acknowledged messages arrive in send order (the publish lane resends failed
+//!   pipelines in order; duplicates are allowed and counted);
 //! - a member process killed with SIGKILL while holding unacknowledged messages: its
 //!   partitions are taken over and its pending messages redelivered within about the
 //!   lease (session) time.
@@ -189,6 +193,134 @@ async fn server_restart_loses_no_acknowledged_message() {
         lost.is_empty(),
         "acknowledged messages lost: {}",
         lost.len()
+    );
+    consumer.stop().await.expect("stop");
+    client
+        .shutdown(Duration::from_secs(10))
+        .await
+        .expect("shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_connections_keep_per_key_order() {
+    let server = PrivateRedis::start();
+    let client = Client::connect_with(fast(server.url()))
+        .await
+        .expect("connect");
+    let t = unique("order");
+    client
+        .admin()
+        .create_topic(TopicSpec::new(&t, 2))
+        .await
+        .expect("create");
+    let port = server.port.to_string();
+    let killer = std::thread::spawn(move || {
+        let mut killed = 0;
+        for _ in 0..8 {
+            std::thread::sleep(Duration::from_millis(15));
+            let out = Command::new("redis-cli")
+                .args(["-p", &port, "CLIENT", "KILL", "TYPE", "normal"])
+                .output()
+                .expect("redis-cli");
+            killed += String::from_utf8_lossy(&out.stdout)
+                .trim()
+                .parse::<usize>()
+                .unwrap_or(0);
+        }
+        killed
+    });
+    let producer = client.producer();
+    let keys = 7;
+    let mut handles = Vec::new();
+    for n in 0..20_000usize {
+        let msg = Message::new(&t, format!("{n}")).key(format!("k{}", n % keys));
+        handles.push((n, producer.send(msg)));
+        if n % 100 == 99 {
+            // Spread the sends over the kills, many pipelines in flight at each.
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+    let mut acked = HashSet::new();
+    let mut failed = 0;
+    for (n, h) in handles {
+        match h.await {
+            Ok(_) => {
+                acked.insert(n);
+            }
+            Err(_) => failed += 1,
+        }
+    }
+    let killed = killer.join().expect("killer");
+    assert!(killed > 0, "the kills hit no connection");
+    assert!(
+        acked.len() > 10_000,
+        "most sends succeed despite the kills ({} of 20000, {failed} failed)",
+        acked.len()
+    );
+
+    let (tx, mut rx) = mpsc::unbounded_channel::<usize>();
+    // The admin connection was killed too; its first command after a kill fails
+    // while it reconnects.
+    let mut consumer = None;
+    for _ in 0..10 {
+        let tx = tx.clone();
+        match client
+            .consumer(unique("g"))
+            .auto_offset_reset(OffsetReset::Earliest)
+            .start([t.clone()], move |d: Delivery| {
+                let tx = tx.clone();
+                async move {
+                    let _ = tx.send(d.value_str()?.parse().unwrap_or(usize::MAX));
+                    Ok::<(), Error>(())
+                }
+            })
+            .await
+        {
+            Ok(c) => {
+                consumer = Some(c);
+                break;
+            }
+            Err(e) => {
+                eprintln!("subscribe after the kills: {e}; again");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+    let consumer = consumer.expect("subscribe");
+    let mut seen = HashSet::new();
+    let mut duplicates = 0;
+    let mut last: HashMap<usize, usize> = HashMap::new();
+    let mut out_of_order = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while !acked.iter().all(|n| seen.contains(n)) {
+        let Ok(Some(n)) = tokio::time::timeout_at(deadline, rx.recv()).await else {
+            break;
+        };
+        if !seen.insert(n) {
+            duplicates += 1;
+            continue;
+        }
+        if !acked.contains(&n) {
+            continue;
+        }
+        // The first arrival of each acknowledged message, per key, must follow send order.
+        if let Some(prev) = last.insert(n % keys, n) {
+            if prev > n {
+                out_of_order.push((prev, n));
+            }
+        }
+    }
+    let lost = acked.iter().filter(|n| !seen.contains(n)).count();
+    eprintln!(
+        "client kills: {killed} connections killed, {} acknowledged, {failed} failed, {duplicates} duplicates, {lost} lost, {} out of order",
+        acked.len(),
+        out_of_order.len()
+    );
+    assert_eq!(lost, 0, "acknowledged messages lost");
+    assert!(
+        out_of_order.is_empty(),
+        "per-key order broken: {:?}",
+        &out_of_order[..out_of_order.len().min(10)]
     );
     consumer.stop().await.expect("stop");
     client

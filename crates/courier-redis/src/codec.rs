@@ -25,25 +25,32 @@ pub(crate) const NEXT_ID: &str = "0-*";
 const VERSION: u8 = 1;
 
 /// Encodes a record's metadata (`m`).
+#[cfg(test)]
 pub(crate) fn encode_meta(r: &Record) -> Vec<u8> {
+    let mut out = Vec::new();
+    encode_meta_into(&mut out, r);
+    out
+}
+
+/// Appends a record's metadata (`m`) to `out` (a buffer reused across a batch).
+pub(crate) fn encode_meta_into(out: &mut Vec<u8>, r: &Record) {
     let key_len = r.key.as_ref().map_or(0, |k| k.len());
-    let mut out = Vec::with_capacity(16 + r.id.len() + key_len + r.headers.encoded_len());
+    out.reserve(22 + r.id.len() + key_len + r.headers.encoded_len());
     out.push(VERSION);
     out.extend_from_slice(&r.timestamp.to_be_bytes());
-    put_bytes(&mut out, r.id.as_bytes());
+    put_bytes(out, r.id.as_bytes());
     match &r.key {
         Some(k) => {
             out.push(1);
-            put_bytes(&mut out, k);
+            put_bytes(out, k);
         }
         None => out.push(0),
     }
     out.extend_from_slice(&(r.headers.len() as u32).to_be_bytes());
     for (name, value) in r.headers.iter() {
-        put_bytes(&mut out, name.as_bytes());
-        put_bytes(&mut out, value);
+        put_bytes(out, name.as_bytes());
+        put_bytes(out, value);
     }
-    out
 }
 
 fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {

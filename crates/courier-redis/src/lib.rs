@@ -11,6 +11,7 @@ mod admin;
 mod codec;
 mod group;
 mod keys;
+mod lane;
 mod publish;
 mod reader;
 mod resp;
@@ -34,6 +35,7 @@ pub use admin::RETENTION_MESSAGES;
 use crate::admin::Admin;
 use crate::group::Coordinator;
 use crate::keys::Keys;
+use crate::lane::Lane;
 use crate::publish::Publisher;
 use crate::reader::Reader;
 use crate::state::Shared;
@@ -56,7 +58,8 @@ pub(crate) fn redis_error(e: redis::RedisError) -> Error {
 }
 
 /// The Redis Streams backend. Cheap to share: one multiplexed connection (with
-/// reconnect) for publishing and admin, plus one per subscription for blocking reads.
+/// reconnect) for admin, one for publishing (owned by the ordered publish lane), plus
+/// one per subscription for blocking reads.
 pub struct RedisDriver {
     client: redis::Client,
     admin: Arc<Admin>,
@@ -88,6 +91,45 @@ fn split_prefix(url: &str) -> (String, Option<String>) {
     (url, prefix)
 }
 
+/// Backend setting: a PEM file of the CA(s) that signed the server's certificate, for
+/// `rediss://` servers whose certificate the system's roots do not vouch for.
+pub const TLS_CA_FILE: &str = "redis.tls_ca_file";
+
+/// The client for `url`; `rediss://` connects over TLS (rustls), verifying the server
+/// against the system's roots or the CA file of [`TLS_CA_FILE`].
+fn open_client(url: &str, config: &Config) -> Result<redis::Client> {
+    let invalid = |reason: String| Error::InvalidUrl {
+        url: courier_core::config::redact_url(url),
+        reason,
+    };
+    let ca_file = config.backend.get(TLS_CA_FILE);
+    if !url.starts_with("rediss://") {
+        if ca_file.is_some() {
+            return Err(invalid(format!(
+                "{TLS_CA_FILE} is set but the URL is not rediss://"
+            )));
+        }
+        return redis::Client::open(url).map_err(|e| invalid(e.to_string()));
+    }
+    // Several crates in one process may enable different rustls providers; pick ring
+    // explicitly (an error only means a provider is installed already).
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let root_cert = match ca_file {
+        Some(path) => Some(std::fs::read(path).map_err(|e| {
+            Error::InvalidArgument(format!("{TLS_CA_FILE} {path:?} cannot be read: {e}"))
+        })?),
+        None => None,
+    };
+    redis::Client::build_with_tls(
+        url,
+        redis::TlsCertificates {
+            client_tls: None,
+            root_cert,
+        },
+    )
+    .map_err(|e| invalid(e.to_string()))
+}
+
 fn manager_config() -> ConnectionManagerConfig {
     ConnectionManagerConfig::new()
         .set_response_timeout(Some(RESPONSE_TIMEOUT + reader::BLOCK))
@@ -98,17 +140,14 @@ fn manager_config() -> ConnectionManagerConfig {
 
 impl RedisDriver {
     /// Connects to the server of `config`'s URL (`redis://[user:pass@]host:port[/db]
-    /// [?prefix=…]`) and checks that it answers.
+    /// [?prefix=…]`, or `rediss://…` for TLS) and checks that it answers.
     pub async fn connect(config: Config) -> Result<Self> {
         config.validate()?;
         let (url, prefix) = split_prefix(config.url_or_default());
         let prefix = prefix
             .or_else(|| config.backend.get("redis.prefix").cloned())
             .unwrap_or_else(|| DEFAULT_PREFIX.to_string());
-        let client = redis::Client::open(url.as_str()).map_err(|e| Error::InvalidUrl {
-            url: courier_core::config::redact_url(&url),
-            reason: e.to_string(),
-        })?;
+        let client = open_client(&url, &config)?;
         let mut conn = ConnectionManager::new_with_config(client.clone(), manager_config())
             .await
             .map_err(|e| Error::connection(BACKEND, e))?;
@@ -122,8 +161,15 @@ impl RedisDriver {
             .find_map(|l| l.trim().strip_prefix("connected_slaves:"))
             .and_then(|n| n.trim().parse().ok())
             .unwrap_or(0);
-        let admin = Arc::new(Admin::new(conn.clone(), Keys::new(prefix)));
-        let publisher = Publisher::new(conn, admin.clone(), &config, replicas);
+        let admin = Arc::new(Admin::new(conn, Keys::new(prefix)));
+        let lane = Lane::start(
+            client.clone(),
+            redis::AsyncConnectionConfig::new()
+                .set_response_timeout(Some(RESPONSE_TIMEOUT))
+                .set_connection_timeout(Some(Duration::from_secs(5))),
+            config.producer.retry_max,
+        );
+        let publisher = Publisher::new(lane, admin.clone(), &config, replicas);
         tracing::info!(config = ?config.redacted(), replicas, "redis driver connected");
         Ok(Self {
             client,
@@ -150,7 +196,9 @@ impl Driver for RedisDriver {
             delayed_delivery: false,
             native_compression: false,
             dense_offsets: true,
-            max_in_flight_publishes: 1,
+            // The lane keeps calls in order (see `lane`); each call is up to 9
+            // pipelines, so a few calls fill the lane's window.
+            max_in_flight_publishes: 4,
             read_by_position: false,
         }
     }

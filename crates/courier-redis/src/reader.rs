@@ -46,7 +46,26 @@ impl Reader {
     pub(crate) async fn run(mut self) {
         let acker: Arc<dyn Acker> = self.shared.clone();
         let mut failures = 0u32;
+        let mut starved_since: Option<Instant> = None;
         while !self.shared.is_closed() {
+            // With more than half the prefetch still out, wait (up to BLOCK) for more
+            // to settle before reading: every settle wakes the reader, and reading at
+            // once made one small read (and a few-id XACK) per settle instead of reads
+            // of up to COUNT per partition.
+            let outstanding = self.shared.outstanding.load(Ordering::Acquire);
+            if outstanding > 0 && self.prefetch.saturating_sub(outstanding) < self.prefetch / 2 {
+                let since = *starved_since.get_or_insert_with(Instant::now);
+                let left = BLOCK.saturating_sub(since.elapsed());
+                if !left.is_zero() {
+                    let wake = self.shared.wake_reader.notified();
+                    tokio::select! {
+                        _ = wake => {}
+                        _ = tokio::time::sleep(left) => {}
+                    }
+                    continue;
+                }
+            }
+            starved_since = None;
             let shared = self.shared.clone();
             let wake = shared.wake_reader.notified();
             let (acks, asks, next_due) = self.plan();

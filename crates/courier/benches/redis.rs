@@ -10,11 +10,14 @@
 //! - `redis-benchmark -P 64 XADD` (50 clients) when the binary is on PATH.
 //!
 //! `cargo bench -p courier --features redis --bench redis` (BENCH_N messages, default
-//! 300000; BENCH_ROUNDS rounds, default 2). Everything it writes is deleted after.
+//! 300000; BENCH_ROUNDS rounds, default 2; BENCH_PRODUCE_ONLY=1 skips consuming).
+//! Besides rates it prints CPU µs per message of this process (client) and of the
+//! server (`INFO cpu` deltas; on a shared server other clients' load is included).
+//! Everything it writes is deleted after.
 
 mod common;
 
-use common::{courier_produce, env_usize, rate, unique, value};
+use common::{courier_produce, env_usize, rate, unique, value, with_cpu};
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -33,17 +36,17 @@ fn bare_streams(base: &str) -> Vec<String> {
 
 async fn bare_produce(conn: &mut MultiplexedConnection, base: &str, n: usize) -> Duration {
     let streams = bare_streams(base);
-    let values: Vec<Vec<u8>> = (0..n).map(value).collect();
     let start = Instant::now();
     let mut i = 0;
     while i < n {
         let mut pipe = redis::pipe();
         for j in i..(i + BATCH).min(n) {
+            // Built inside the timed loop, as on Courier's side (`courier_produce`).
             pipe.cmd("XADD")
                 .arg(&streams[j % streams.len()])
                 .arg("*")
                 .arg("v")
-                .arg(&values[j]);
+                .arg(value(j));
         }
         let ids: Vec<Value> = pipe.query_async(conn).await.expect("xadd");
         std::hint::black_box(ids);
@@ -122,6 +125,35 @@ async fn courier_consume(client: &Client, topic: &str, n: usize) -> Duration {
     total
 }
 
+/// The server's CPU seconds (user + sys) so far, from `INFO cpu`.
+async fn server_cpu(conn: &mut MultiplexedConnection) -> f64 {
+    let info: String = redis::cmd("INFO")
+        .arg("cpu")
+        .query_async(conn)
+        .await
+        .unwrap_or_default();
+    info.lines()
+        .filter_map(|l| {
+            let (k, v) = l.trim().split_once(':')?;
+            matches!(k, "used_cpu_sys" | "used_cpu_user")
+                .then(|| v.parse::<f64>().ok())
+                .flatten()
+        })
+        .sum()
+}
+
+/// Runs `f` and returns its result with client and server CPU µs per message.
+async fn measured<T>(
+    conn: &mut MultiplexedConnection,
+    n: usize,
+    f: impl std::future::Future<Output = T>,
+) -> (T, f64, f64) {
+    let s0 = server_cpu(conn).await;
+    let (out, client) = with_cpu(n, f).await;
+    let server = (server_cpu(conn).await - s0) * 1e6 / n as f64;
+    (out, client, server)
+}
+
 /// `redis-benchmark -P 64 XADD` (50 clients) on a throw-away key; requests/s.
 fn redis_benchmark(host: &str, port: u16, n: usize) -> Option<(f64, String)> {
     let key = unique("bench-rb");
@@ -168,6 +200,7 @@ fn redis_benchmark(host: &str, port: u16, n: usize) -> Option<(f64, String)> {
 async fn main() {
     let n = env_usize("BENCH_N", 300_000);
     let rounds = env_usize("BENCH_ROUNDS", 2);
+    let produce_only = env_usize("BENCH_PRODUCE_ONLY", 0) == 1;
     let url =
         std::env::var("COURIER_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
     let config = Config::with_url(url.clone());
@@ -190,20 +223,37 @@ async fn main() {
             .create_topic(TopicSpec::new(&t_ours, PARTITIONS))
             .await
             .expect("create");
-        let b = bare_produce(&mut conn, &bare, n).await;
-        let o = courier_produce(&client, &t_ours, n).await;
+        let mut bare_conn = conn.clone();
+        let (b, b_cpu, b_srv) =
+            measured(&mut conn, n, bare_produce(&mut bare_conn, &bare, n)).await;
+        let (o, o_cpu, o_srv) = measured(&mut conn, n, courier_produce(&client, &t_ours, n)).await;
         println!(
-            "round {round}: produce  courier {:>9.0} msg/s   bare pipelined XADD x{BATCH} {:>9.0} msg/s",
+            "round {round}: produce  courier {:>9.0} msg/s   bare pipelined XADD x{BATCH} {:>9.0} msg/s   ({:.0}%)",
             rate(n, o),
-            rate(n, b)
+            rate(n, b),
+            100.0 * rate(n, o) / rate(n, b)
         );
-        let bc = bare_consume(&mut conn, &bare, n).await;
-        let oc = courier_consume(&client, &t_ours, n).await;
         println!(
-            "round {round}: consume  courier {:>9.0} msg/s   bare XREADGROUP COUNT {BATCH} + XACK {:>9.0} msg/s",
-            rate(n, oc),
-            rate(n, bc)
+            "round {round}: produce  CPU µs/msg client courier {o_cpu:.2} bare {b_cpu:.2}; server courier {o_srv:.2} bare {b_srv:.2}"
         );
+        let (bc, oc) = if produce_only {
+            (b, o)
+        } else {
+            let (bc, bc_cpu, bc_srv) =
+                measured(&mut conn, n, bare_consume(&mut bare_conn, &bare, n)).await;
+            let (oc, oc_cpu, oc_srv) =
+                measured(&mut conn, n, courier_consume(&client, &t_ours, n)).await;
+            println!(
+                "round {round}: consume  courier {:>9.0} msg/s   bare XREADGROUP COUNT {BATCH} + XACK {:>9.0} msg/s   ({:.0}%)",
+                rate(n, oc),
+                rate(n, bc),
+                100.0 * rate(n, oc) / rate(n, bc)
+            );
+            println!(
+                "round {round}: consume  CPU µs/msg client courier {oc_cpu:.2} bare {bc_cpu:.2}; server courier {oc_srv:.2} bare {bc_srv:.2}"
+            );
+            (bc, oc)
+        };
         ours_p.push(rate(n, o));
         bare_p.push(rate(n, b));
         ours_c.push(rate(n, oc));
@@ -216,14 +266,15 @@ async fn main() {
     let best = |v: &Vec<f64>| v.iter().cloned().fold(0.0, f64::max);
     println!("| what | courier msg/s | bare redis crate msg/s | courier / bare |");
     println!("|---|---|---|---|");
-    for (what, o, b) in [
-        ("produce (best of rounds)", best(&ours_p), best(&bare_p)),
-        (
+    let mut rows = vec![("produce (best of rounds)", best(&ours_p), best(&bare_p))];
+    if !produce_only {
+        rows.push((
             "consume incl. subscribe (best)",
             best(&ours_c),
             best(&bare_c),
-        ),
-    ] {
+        ));
+    }
+    for (what, o, b) in rows {
         println!("| {what} | {o:.0} | {b:.0} | {:.0}% |", 100.0 * o / b);
     }
     let info = bare_client.get_connection_info();

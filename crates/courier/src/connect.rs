@@ -12,7 +12,7 @@ pub fn supported_schemes() -> Vec<&'static str> {
     #[cfg(feature = "kafka")]
     s.push("kafka");
     #[cfg(feature = "redis")]
-    s.push("redis");
+    s.extend(["redis", "rediss"]);
     #[cfg(feature = "nats")]
     s.push("nats");
     #[cfg(feature = "amqp")]
@@ -47,7 +47,7 @@ pub(crate) async fn connect_driver(config: &Config) -> Result<Arc<dyn Driver>> {
             courier_kafka::KafkaDriver::connect(config.clone()).await?,
         )),
         #[cfg(feature = "redis")]
-        "redis" => Ok(Arc::new(
+        "redis" | "rediss" => Ok(Arc::new(
             courier_redis::RedisDriver::connect(config.clone()).await?,
         )),
         #[cfg(feature = "nats")]

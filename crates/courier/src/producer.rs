@@ -29,6 +29,8 @@ use crate::validate::validate_topic;
 const MAX_BATCH_RECORDS: usize = 8192;
 /// Most bytes handed to the driver in one publish call.
 const MAX_BATCH_BYTES: usize = 8 * 1024 * 1024;
+/// Most queue slots kept allocated between bursts.
+const MAX_KEPT_QUEUE: usize = 16 * 1024;
 
 type Pending = (Record, oneshot::Sender<Result<Receipt>>, Instant);
 
@@ -313,6 +315,10 @@ fn is_delayed(msg: &Message) -> bool {
 async fn run_flusher(inner: Arc<Inner>) {
     let in_flight = inner.driver.capabilities().max_in_flight_publishes.max(1);
     let permits = Arc::new(Semaphore::new(in_flight));
+    // The buffer the last burst was drained from, handed back to the queue for the
+    // next one: allocating a fresh multi-megabyte buffer per burst cost page faults on
+    // every send at high rates.
+    let mut spare: Vec<Item> = Vec::new();
     loop {
         let notified = inner.wake.notified();
         let items = {
@@ -323,30 +329,33 @@ async fn run_flusher(inner: Arc<Inner>) {
                 }
                 None
             } else {
-                // Keep the capacity: the next burst is likely as large as this one.
-                let cap = q.items.len();
-                Some(std::mem::replace(&mut q.items, Vec::with_capacity(cap)))
+                Some(std::mem::replace(&mut q.items, std::mem::take(&mut spare)))
             }
         };
-        let Some(items) = items else {
+        let Some(mut items) = items else {
             notified.await;
             continue;
         };
-        let mut batch: Vec<Pending> = Vec::new();
+        let mut left = items.len();
+        let sized = |left: usize| Vec::with_capacity(left.min(MAX_BATCH_RECORDS));
+        let mut batch: Vec<Pending> = sized(left);
         let mut bytes = 0;
-        for item in items {
+        for item in items.drain(..) {
+            left -= 1;
             match item {
                 Item::Send(p) => {
                     bytes += p.0.value.len() + p.0.key.as_ref().map_or(0, |k| k.len());
                     batch.push(p);
                     if batch.len() >= MAX_BATCH_RECORDS || bytes >= MAX_BATCH_BYTES {
-                        dispatch(&inner, &permits, std::mem::take(&mut batch)).await;
+                        let full = std::mem::replace(&mut batch, sized(left));
+                        dispatch(&inner, &permits, full).await;
                         bytes = 0;
                     }
                 }
                 Item::Flush(done) => {
                     if !batch.is_empty() {
-                        dispatch(&inner, &permits, std::mem::take(&mut batch)).await;
+                        let full = std::mem::replace(&mut batch, sized(left));
+                        dispatch(&inner, &permits, full).await;
                         bytes = 0;
                     }
                     // All permits back = nothing in flight.
@@ -359,6 +368,9 @@ async fn run_flusher(inner: Arc<Inner>) {
         if !batch.is_empty() {
             dispatch(&inner, &permits, batch).await;
         }
+        // Kept for the next burst, but not a huge one forever.
+        items.shrink_to(MAX_KEPT_QUEUE);
+        spare = items;
     }
     let all = permits.acquire_many(in_flight as u32).await;
     drop(all);
