@@ -3,8 +3,9 @@
 //!
 //! Batching is adaptive: when the driver is idle a message is published at once (low
 //! latency); while a publish is in flight, new messages accumulate and go out together
-//! as the next batch (high throughput). Backends with their own network batching
-//! (Kafka) additionally honour `batchSize`/`lingerMs`.
+//! as the next batch (high throughput), in publish calls of at most `batchSize`
+//! bytes (read per batch, so a live change applies to the next one). Backends with
+//! their own network batching (Kafka) honour `batchSize`/`lingerMs` natively instead.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -18,7 +19,8 @@ use parking_lot::Mutex;
 use tokio::sync::{oneshot, Notify, Semaphore};
 use tokio::task::JoinHandle;
 
-use crate::compress::{compress_if_large, DEFAULT_THRESHOLD};
+use crate::compress::compress_if_large;
+use crate::live::Live;
 use crate::schedule::Scheduler;
 use crate::stats::Registry;
 use crate::trace::inject_on_send;
@@ -51,9 +53,10 @@ struct Inner {
     closed: AtomicBool,
     flusher: Mutex<Option<JoinHandle<()>>>,
     stats: Arc<Registry>,
-    /// Values above this are lz4-compressed; `None` when the backend compresses
-    /// natively.
-    compress_over: Option<usize>,
+    /// False when the backend compresses natively (then Courier never does).
+    compress: bool,
+    /// Compression threshold and batch size in force (SPEC C7).
+    live: Arc<Live>,
     schedule: Option<Arc<Scheduler>>,
 }
 
@@ -71,9 +74,9 @@ impl Producer {
         max_buffered: usize,
         stats: Arc<Registry>,
         schedule: Option<Arc<Scheduler>>,
+        live: Arc<Live>,
     ) -> Self {
-        let compress_over =
-            (!driver.capabilities().native_compression).then_some(DEFAULT_THRESHOLD);
+        let compress = !driver.capabilities().native_compression;
         let inner = Arc::new(Inner {
             driver,
             max_message_size,
@@ -86,7 +89,8 @@ impl Producer {
             closed: AtomicBool::new(false),
             flusher: Mutex::new(None),
             stats,
-            compress_over,
+            compress,
+            live,
             schedule,
         });
         let task = tokio::spawn(run_flusher(inner.clone()));
@@ -116,7 +120,8 @@ impl Producer {
     /// The producer pipeline after validation: trace context, then compression.
     fn stamp(&self, mut msg: Message) -> Record {
         inject_on_send(&mut msg.headers);
-        if let Some(threshold) = self.inner.compress_over {
+        if self.inner.compress {
+            let threshold = self.inner.live.compression_threshold();
             compress_if_large(&mut msg.value, &mut msg.headers, threshold);
         }
         Record::from_message(msg)
@@ -339,14 +344,21 @@ async fn run_flusher(inner: Arc<Inner>) {
             notified.await;
             continue;
         };
+        // Read per batch: a live `batchSize` change applies from this one on.
+        let max_bytes = inner.live.batch_size().clamp(1, MAX_BATCH_BYTES);
         let mut batch: Vec<Pending> = Vec::new();
         let mut bytes = 0;
         for item in items {
             match item {
                 Item::Send(p) => {
-                    bytes += p.0.value.len() + p.0.key.as_ref().map_or(0, |k| k.len());
+                    let size = p.0.value.len() + p.0.key.as_ref().map_or(0, |k| k.len());
+                    if !batch.is_empty() && bytes + size > max_bytes {
+                        dispatch(&inner, &permits, std::mem::take(&mut batch)).await;
+                        bytes = 0;
+                    }
+                    bytes += size;
                     batch.push(p);
-                    if batch.len() >= MAX_BATCH_RECORDS || bytes >= MAX_BATCH_BYTES {
+                    if batch.len() >= MAX_BATCH_RECORDS || bytes >= max_bytes {
                         dispatch(&inner, &permits, std::mem::take(&mut batch)).await;
                         bytes = 0;
                     }
