@@ -365,8 +365,8 @@ impl ConsumerBuilder {
             };
             let metered = MetricsLayer::new(counters.clone()).layer(inner);
             let decompressed = DecompressLayer.layer(metered);
-            let retried =
-                RetryLayer::new(backoff, stop.clone(), counters.clone()).layer(decompressed);
+            let retried = RetryLayer::new(backoff, stop.clone(), counters.clone(), dead_letters)
+                .layer(decompressed);
             let deduped = DedupService::optional(
                 retried,
                 self.dedup

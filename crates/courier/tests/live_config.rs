@@ -243,3 +243,52 @@ async fn file_changes_apply_while_producing_and_consuming() {
         .await
         .expect("shutdown");
 }
+
+/// `producerConfig.compressionThreshold` (SPEC R6) decides which values are
+/// compressed: here 100 bytes instead of the default 1 KiB.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compression_threshold_comes_from_the_config() {
+    let mut config = Config::with_url("memory://live-threshold");
+    config.producer.compression_threshold = 100;
+    let client = Client::connect_with(config).await.expect("connect");
+    assert_eq!(client.current_config().producer.compression_threshold, 100);
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let raw = client
+        .consumer("threshold.raw")
+        .from_earliest()
+        .bare()
+        .start(["threshold.events"], move |d: Delivery| {
+            let tx = tx.clone();
+            async move {
+                let zipped = d.header(HEADER_CONTENT_ENCODING).is_some();
+                let _ = tx.send((d.headers.get_str("n").map(str::to_string), zipped));
+                Ok::<(), Error>(())
+            }
+        })
+        .await
+        .expect("start");
+    let p = client.producer();
+    for (n, len) in [("small", 90), ("large", 300)] {
+        p.send(Message::new("threshold.events", "a".repeat(len)).header("n", n))
+            .await
+            .expect("send");
+    }
+    let mut seen = HashMap::new();
+    while seen.len() < 2 {
+        let (n, zipped) = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+            .await
+            .expect("in time")
+            .expect("open");
+        seen.insert(n.unwrap_or_default(), zipped);
+    }
+    assert!(!seen["small"], "90 B stays under the 100 B threshold");
+    assert!(
+        seen["large"],
+        "300 B is over it (the default would not compress)"
+    );
+    raw.stop().await.expect("stop");
+    client
+        .shutdown(Duration::from_secs(10))
+        .await
+        .expect("shutdown");
+}
