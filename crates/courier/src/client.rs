@@ -172,8 +172,8 @@ impl Client {
     }
 
     /// Applies every configuration `source` yields until the client shuts down (or
-    /// its last clone is dropped): producers use the new batch size and compression
-    /// threshold from their next batch, and consumers that took the client's commit
+    /// its last clone is dropped): producers use the new compression threshold from
+    /// their next message, and consumers that took the client's commit
     /// interval, session timeout or offset reset rejoin their group with the new
     /// value after committing what they handled. Invalid updates are ignored with a
     /// warning. Several sources may be watched; the latest update wins.

@@ -4,12 +4,13 @@
 //!
 //! What changes while running, and when:
 //!
-//! - `producerConfig.compressionThreshold`: from the next message sent;
-//!   `producerConfig.batchSize` (the most bytes one publish call carries on backends
-//!   without their own batching): from the next batch. Kafka keeps the `batch.size`
-//!   and `linger.ms` librdkafka was created with (its producer cannot change them);
-//!   `lingerMs` only ever applies there, since Courier's own producer never waits for
-//!   a batch to fill (a batch leaves as soon as the previous publish is stored).
+//! - `producerConfig.compressionThreshold`: from the next message sent.
+//! - `producerConfig.batchSize`, `lingerMs`: taken into
+//!   [`Client::current_config`](crate::Client::current_config) but changing nothing
+//!   while running: they are librdkafka's settings, and a Kafka producer keeps the
+//!   `batch.size`/`linger.ms` it was created with (reconnect to change them). Courier's
+//!   own producer batches adaptively on the other backends (a batch leaves as soon as
+//!   the previous publish is stored; it never waits to fill one).
 //! - `consumerConfig.autoCommitIntervalMs`, `sessionTimeoutMs`, `autoOffsetReset`:
 //!   consumers that did not set the value on their builder finish every message they
 //!   hold, commit, leave the group and join again with the new value — nothing is
@@ -122,11 +123,10 @@ impl ConfigSource for FileConfigSource {
     }
 }
 
-/// The configuration in force and the producer settings read on the hot path.
+/// The configuration in force and the producer setting read on the hot path.
 pub(crate) struct Live {
     tx: watch::Sender<Arc<Config>>,
     compression_threshold: AtomicUsize,
-    batch_size: AtomicUsize,
 }
 
 impl Live {
@@ -134,7 +134,6 @@ impl Live {
         Self {
             tx: watch::Sender::new(Arc::new(config.clone())),
             compression_threshold: AtomicUsize::new(config.producer.compression_threshold),
-            batch_size: AtomicUsize::new(config.producer.batch_size),
         }
     }
 
@@ -151,11 +150,6 @@ impl Live {
     /// Values above this are compressed (backends without a native codec).
     pub(crate) fn compression_threshold(&self) -> usize {
         self.compression_threshold.load(Relaxed)
-    }
-
-    /// The most bytes one publish call carries.
-    pub(crate) fn batch_size(&self) -> usize {
-        self.batch_size.load(Relaxed)
     }
 
     /// Applies the live part of `new`; returns true when something changed.
@@ -190,10 +184,9 @@ impl Live {
             auto_offset_reset = ?next.consumer.auto_offset_reset,
             "config updated"
         );
-        // Atomics first: a producer woken by the watch must already read new values.
+        // The atomic first: whoever sees the new config must already compress by it.
         self.compression_threshold
             .store(next.producer.compression_threshold, Relaxed);
-        self.batch_size.store(next.producer.batch_size, Relaxed);
         self.tx.send_replace(Arc::new(next));
         true
     }
