@@ -14,6 +14,7 @@
 
 pub mod capture;
 pub mod harness;
+pub mod restart;
 mod schedule;
 pub mod suite;
 

@@ -164,6 +164,10 @@ pub struct ProducerConfig {
     pub enable_idempotence: Option<bool>,
     /// Most messages buffered in a producer before `send` returns `QueueFull`.
     pub max_buffered: usize,
+    /// Values larger than this many bytes are lz4-compressed on backends without a
+    /// native codec (SPEC R6; seed 001: 1 KiB). `0` compresses every value that
+    /// shrinks; `usize::MAX` turns compression off.
+    pub compression_threshold: usize,
 }
 
 impl Default for ProducerConfig {
@@ -234,6 +238,9 @@ impl Default for Config {
     }
 }
 
+/// Default compression threshold in bytes (seed 001: values over 1 KiB).
+pub const DEFAULT_COMPRESSION_THRESHOLD: usize = 1024;
+
 /// Default message size limit: 1 MiB, Kafka's `message.max.bytes` default.
 pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 1024 * 1024;
 
@@ -251,6 +258,7 @@ impl Config {
                     linger_ms: 5,
                     enable_idempotence: None,
                     max_buffered: 1_000_000,
+                    compression_threshold: DEFAULT_COMPRESSION_THRESHOLD,
                 },
                 ConsumerConfig {
                     auto_offset_reset: OffsetReset::Latest,
@@ -273,6 +281,7 @@ impl Config {
                     linger_ms: 10,
                     enable_idempotence: None,
                     max_buffered: 1_000_000,
+                    compression_threshold: DEFAULT_COMPRESSION_THRESHOLD,
                 },
                 ConsumerConfig {
                     auto_offset_reset: OffsetReset::Earliest,
@@ -337,7 +346,8 @@ impl Config {
     /// (comma-separated), `COURIER_SECURITY_PROTOCOL`, `COURIER_SASL_MECHANISM`,
     /// `COURIER_SASL_USERNAME`, `COURIER_SASL_PASSWORD`, `COURIER_PRODUCER_ACKS`,
     /// `COURIER_PRODUCER_RETRY_MAX`, `COURIER_PRODUCER_BATCH_SIZE`,
-    /// `COURIER_PRODUCER_LINGER_MS`, `COURIER_CONSUMER_AUTO_OFFSET_RESET`,
+    /// `COURIER_PRODUCER_LINGER_MS`, `COURIER_PRODUCER_COMPRESSION_THRESHOLD`,
+    /// `COURIER_CONSUMER_AUTO_OFFSET_RESET`,
     /// `COURIER_CONSUMER_ENABLE_AUTO_COMMIT`, `COURIER_CONSUMER_AUTO_COMMIT_INTERVAL_MS`,
     /// `COURIER_CONSUMER_SESSION_TIMEOUT_MS`, `COURIER_MAX_MESSAGE_SIZE`,
     /// `COURIER_DEFAULT_PARTITIONS`. Unknown `COURIER_*` names are ignored (other tools
@@ -383,6 +393,9 @@ impl Config {
                 "PRODUCER_RETRY_MAX" => self.producer.retry_max = parse_num(v).map_err(bad)?,
                 "PRODUCER_BATCH_SIZE" => self.producer.batch_size = parse_num(v).map_err(bad)?,
                 "PRODUCER_LINGER_MS" => self.producer.linger_ms = parse_num(v).map_err(bad)?,
+                "PRODUCER_COMPRESSION_THRESHOLD" => {
+                    self.producer.compression_threshold = parse_num(v).map_err(bad)?
+                }
                 "CONSUMER_AUTO_OFFSET_RESET" => {
                     self.consumer.auto_offset_reset =
                         v.parse().map_err(|e: Error| bad(e.to_string()))?
@@ -555,9 +568,11 @@ mod tests {
         assert_eq!(c.url.as_deref(), Some("memory://"));
         assert_eq!(c.producer.linger_ms, 0);
         assert_eq!(c.producer.batch_size, 16384);
+        assert_eq!(c.producer.compression_threshold, 1024);
         c.apply_env([
             ("COURIER_BROKERS", "a:1, b:2"),
             ("COURIER_PRODUCER_ACKS", "-1"),
+            ("COURIER_PRODUCER_COMPRESSION_THRESHOLD", "4096"),
             ("COURIER_CONSUMER_AUTO_OFFSET_RESET", "earliest"),
             ("COURIER_UNRELATED", "x"),
             ("PATH", "/bin"),
@@ -565,7 +580,18 @@ mod tests {
         .unwrap();
         assert_eq!(c.brokers, vec!["a:1", "b:2"]);
         assert_eq!(c.producer.acks, Acks::All);
+        assert_eq!(c.producer.compression_threshold, 4096);
         assert_eq!(c.consumer.auto_offset_reset, OffsetReset::Earliest);
+        let err = c
+            .apply_env([("COURIER_PRODUCER_COMPRESSION_THRESHOLD", "big")])
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("COURIER_PRODUCER_COMPRESSION_THRESHOLD"),
+            "{err}"
+        );
+        let j = Config::parse(r#"{"producerConfig": {"compressionThreshold": 10}}"#).unwrap();
+        assert_eq!(j.producer.compression_threshold, 10);
         let err = c.apply_env([("COURIER_PRODUCER_ACKS", "2")]).unwrap_err();
         assert!(err.to_string().contains("COURIER_PRODUCER_ACKS"), "{err}");
         assert!(Config::parse("producerConfig = 3").is_err());

@@ -1,6 +1,7 @@
 //! Messages as sent ([`Message`]), as handed to a driver ([`Record`]) and the send
 //! result ([`Receipt`]) — SPEC C1.
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -18,29 +19,61 @@ pub fn now_millis() -> i64 {
 
 /// Message headers: ordered `name → bytes` pairs. [`Headers::insert`] replaces an
 /// existing name; the order of first insertion is kept so round trips are exact.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct Headers(Vec<(String, Bytes)>);
+///
+/// Cloning is one reference count (the pairs are shared and copied on the first
+/// change), so the consumer pipeline can keep a message's copy for a retry or a
+/// dead letter without copying every header. No headers allocate nothing.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Headers(Option<Arc<Vec<(String, Bytes)>>>);
+
+impl Serialize for Headers {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        self.pairs().serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for Headers {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        Vec::<(String, Bytes)>::deserialize(d).map(Self::from_vec)
+    }
+}
 
 impl Headers {
     /// No headers.
     pub fn new() -> Self {
-        Self(Vec::new())
+        Self(None)
+    }
+
+    fn from_vec(v: Vec<(String, Bytes)>) -> Self {
+        if v.is_empty() {
+            Self(None)
+        } else {
+            Self(Some(Arc::new(v)))
+        }
+    }
+
+    fn pairs(&self) -> &[(String, Bytes)] {
+        self.0.as_deref().map_or(&[], Vec::as_slice)
+    }
+
+    fn pairs_mut(&mut self) -> &mut Vec<(String, Bytes)> {
+        Arc::make_mut(self.0.get_or_insert_with(Default::default))
     }
 
     /// Sets `name` to `value`, replacing any earlier value of that name.
     pub fn insert(&mut self, name: impl Into<String>, value: impl Into<Bytes>) {
         let name = name.into();
         let value = value.into();
-        match self.0.iter_mut().find(|(n, _)| *n == name) {
+        let pairs = self.pairs_mut();
+        match pairs.iter_mut().find(|(n, _)| *n == name) {
             Some(slot) => slot.1 = value,
-            None => self.0.push((name, value)),
+            None => pairs.push((name, value)),
         }
     }
 
     /// The value of `name`, if present.
     pub fn get(&self, name: &str) -> Option<&Bytes> {
-        self.0.iter().find(|(n, _)| n == name).map(|(_, v)| v)
+        self.pairs().iter().find(|(n, _)| n == name).map(|(_, v)| v)
     }
 
     /// The value of `name` if present and valid UTF-8.
@@ -51,7 +84,7 @@ impl Headers {
     /// The value of `name` compared case-insensitively (HTTP-style names such as
     /// `X-Trace-ID` arrive in any case from other clients).
     pub fn get_ignore_case(&self, name: &str) -> Option<&Bytes> {
-        self.0
+        self.pairs()
             .iter()
             .find(|(n, _)| n.eq_ignore_ascii_case(name))
             .map(|(_, v)| v)
@@ -59,8 +92,13 @@ impl Headers {
 
     /// Removes `name` and returns its value.
     pub fn remove(&mut self, name: &str) -> Option<Bytes> {
-        let pos = self.0.iter().position(|(n, _)| n == name)?;
-        Some(self.0.remove(pos).1)
+        let pos = self.pairs().iter().position(|(n, _)| n == name)?;
+        let pairs = self.pairs_mut();
+        let v = pairs.remove(pos).1;
+        if pairs.is_empty() {
+            self.0 = None;
+        }
+        Some(v)
     }
 
     /// True when `name` is present.
@@ -70,22 +108,22 @@ impl Headers {
 
     /// Iterates in order.
     pub fn iter(&self) -> impl Iterator<Item = (&str, &Bytes)> {
-        self.0.iter().map(|(n, v)| (n.as_str(), v))
+        self.pairs().iter().map(|(n, v)| (n.as_str(), v))
     }
 
     /// Number of headers.
     pub fn len(&self) -> usize {
-        self.0.len()
+        self.pairs().len()
     }
 
     /// True when there are no headers.
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.pairs().is_empty()
     }
 
     /// Bytes the headers take on the wire (names + values).
     pub fn encoded_len(&self) -> usize {
-        self.0.iter().map(|(n, v)| n.len() + v.len()).sum()
+        self.pairs().iter().map(|(n, v)| n.len() + v.len()).sum()
     }
 }
 
@@ -103,7 +141,12 @@ impl IntoIterator for Headers {
     type Item = (String, Bytes);
     type IntoIter = std::vec::IntoIter<(String, Bytes)>;
     fn into_iter(self) -> Self::IntoIter {
-        self.0.into_iter()
+        match self.0 {
+            None => Vec::new().into_iter(),
+            Some(a) => Arc::try_unwrap(a)
+                .unwrap_or_else(|shared| (*shared).clone())
+                .into_iter(),
+        }
     }
 }
 

@@ -16,6 +16,7 @@ use tokio_util::task::TaskTracker;
 use crate::connect::connect_driver;
 use crate::consumer::{ConsumerBuilder, Statuses};
 use crate::dead_letters::DeadLetters;
+use crate::live::{ConfigSource, Live};
 use crate::producer::Producer;
 use crate::schedule::{ScheduleOptions, Scheduler};
 use crate::stats::{Registry, StatsSnapshot};
@@ -33,6 +34,10 @@ struct Inner {
     schedule: Arc<Scheduler>,
     /// Stops this client's scheduler member when the last clone is dropped.
     _schedule_guard: tokio_util::sync::DropGuard,
+    live: Arc<Live>,
+    /// Stops config watches when the last clone is dropped.
+    watch_stop: CancellationToken,
+    _watch_guard: tokio_util::sync::DropGuard,
 }
 
 /// Entry point: one backend connection, chosen by URL. Cheap to clone.
@@ -86,9 +91,13 @@ impl Client {
             consumers.clone(),
             Duration::from_millis(config.consumer.session_timeout_ms),
         ));
+        let watch_stop = shutdown.child_token();
         Client {
             inner: Arc::new(Inner {
                 driver,
+                live: Arc::new(Live::new(&config)),
+                _watch_guard: watch_stop.clone().drop_guard(),
+                watch_stop,
                 config,
                 shutdown,
                 consumers,
@@ -149,9 +158,43 @@ impl Client {
         }
     }
 
-    /// The configuration in force.
+    /// The configuration the client was connected with. Settings changed live
+    /// through [`watch_config`](Self::watch_config) are in
+    /// [`current_config`](Self::current_config).
     pub fn config(&self) -> &Config {
         &self.inner.config
+    }
+
+    /// The configuration in force now: the connect-time one with the live changes
+    /// applied (see [`crate::live`] for which settings change while running).
+    pub fn current_config(&self) -> Arc<Config> {
+        self.inner.live.current()
+    }
+
+    /// Applies every configuration `source` yields until the client shuts down (or
+    /// its last clone is dropped): producers use the new compression threshold from
+    /// their next message, and consumers that took the client's commit
+    /// interval, session timeout or offset reset rejoin their group with the new
+    /// value after committing what they handled. Invalid updates are ignored with a
+    /// warning. Several sources may be watched; the latest update wins.
+    pub fn watch_config<S: ConfigSource>(&self, mut source: S) {
+        let live = self.inner.live.clone();
+        let stop = self.inner.watch_stop.clone();
+        tokio::spawn(async move {
+            loop {
+                let next = tokio::select! {
+                    biased;
+                    _ = stop.cancelled() => break,
+                    c = source.next() => c,
+                };
+                match next {
+                    Some(c) => {
+                        live.apply(c);
+                    }
+                    None => break,
+                }
+            }
+        });
     }
 
     /// The backend's name (`memory`, `file`, `kafka` …).
@@ -177,6 +220,7 @@ impl Client {
             self.inner.config.producer.max_buffered,
             self.inner.stats.clone(),
             Some(self.inner.schedule.clone()),
+            self.inner.live.clone(),
         );
         if self.inner.shutdown.is_cancelled() {
             // Refuse sends on a closed client without blocking the caller.
@@ -191,7 +235,8 @@ impl Client {
 
     /// A consumer builder for `group`, with the client's consumer settings.
     pub fn consumer(&self, group: impl Into<String>) -> ConsumerBuilder {
-        let c = &self.inner.config.consumer;
+        let current = self.inner.live.current();
+        let c = &current.consumer;
         let mut spec = SubscribeSpec::new(group, Vec::new());
         spec.auto_offset_reset = c.auto_offset_reset;
         spec.session_timeout = Duration::from_millis(c.session_timeout_ms);
@@ -203,6 +248,7 @@ impl Client {
             spec,
             self.inner.stats.clone(),
             self.inner.statuses.clone(),
+            self.inner.live.subscribe(),
         )
     }
 

@@ -8,8 +8,9 @@ use courier_core::Headers;
 pub const HEADER_CONTENT_ENCODING: &str = "content-encoding";
 /// The only encoding Courier writes.
 pub const LZ4: &str = "lz4";
-/// Values larger than this many bytes are compressed by default (seed 001: 1 KiB).
-pub const DEFAULT_THRESHOLD: usize = 1024;
+/// Values larger than this many bytes are compressed by default (seed 001: 1 KiB;
+/// `producerConfig.compressionThreshold`).
+pub const DEFAULT_THRESHOLD: usize = courier_core::config::DEFAULT_COMPRESSION_THRESHOLD;
 
 /// Compresses `value` in place when it is over `threshold`, not already encoded and
 /// compression actually saves space (random data does not).

@@ -9,8 +9,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use courier_core::{
-    BoxError, Delivery, Driver, Error, OffsetReset, Result, SubscribeSpec, Subscription,
-    TopicPartition,
+    BoxError, Config, ConsumerConfig, Delivery, Driver, Error, OffsetReset, Result, SubscribeSpec,
+    Subscription, TopicPartition,
 };
 use futures::FutureExt;
 use tokio::sync::{mpsc, watch};
@@ -118,6 +118,45 @@ pub struct ConsumerBuilder {
     layers: Vec<UserLayer>,
     bare: bool,
     statuses: Statuses,
+    live: watch::Receiver<Arc<Config>>,
+    follows: Follows,
+}
+
+/// Which subscription settings a consumer takes from the client's live config (the
+/// ones its builder did not set).
+#[derive(Clone, Copy, Debug)]
+struct Follows {
+    offset_reset: bool,
+    commit_interval: bool,
+    session_timeout: bool,
+}
+
+impl Follows {
+    fn any(&self) -> bool {
+        self.offset_reset || self.commit_interval || self.session_timeout
+    }
+
+    /// `spec` with the followed settings taken from `c`.
+    fn apply(&self, spec: &SubscribeSpec, c: &ConsumerConfig) -> SubscribeSpec {
+        let mut s = spec.clone();
+        if self.offset_reset {
+            s.auto_offset_reset = c.auto_offset_reset;
+        }
+        if self.commit_interval {
+            s.commit_interval = Duration::from_millis(c.auto_commit_interval_ms.max(1));
+        }
+        if self.session_timeout {
+            s.session_timeout = Duration::from_millis(c.session_timeout_ms);
+        }
+        s
+    }
+}
+
+/// True when the subscription settings differ (a rejoin is needed).
+fn spec_changed(a: &SubscribeSpec, b: &SubscribeSpec) -> bool {
+    a.auto_offset_reset != b.auto_offset_reset
+        || a.commit_interval != b.commit_interval
+        || a.session_timeout != b.session_timeout
 }
 
 impl ConsumerBuilder {
@@ -128,8 +167,15 @@ impl ConsumerBuilder {
         spec: SubscribeSpec,
         registry: Arc<Registry>,
         statuses: Statuses,
+        live: watch::Receiver<Arc<Config>>,
     ) -> Self {
         Self {
+            live,
+            follows: Follows {
+                offset_reset: true,
+                commit_interval: true,
+                session_timeout: true,
+            },
             statuses,
             driver,
             shutdown,
@@ -147,6 +193,7 @@ impl ConsumerBuilder {
     /// Where the group starts when it has no committed position.
     pub fn auto_offset_reset(mut self, reset: OffsetReset) -> Self {
         self.spec.auto_offset_reset = reset;
+        self.follows.offset_reset = false;
         self
     }
 
@@ -210,12 +257,14 @@ impl ConsumerBuilder {
     /// How often handled positions are committed in the background.
     pub fn commit_interval(mut self, interval: Duration) -> Self {
         self.spec.commit_interval = interval;
+        self.follows.commit_interval = false;
         self
     }
 
     /// Member liveness timeout (backends with heartbeats).
     pub fn session_timeout(mut self, timeout: Duration) -> Self {
         self.spec.session_timeout = timeout;
+        self.follows.session_timeout = false;
         self
     }
 
@@ -259,6 +308,17 @@ impl ConsumerBuilder {
             validate_topic(dlq)?;
         }
         let handler = HandlerFn::new(handler);
+        // Settings changed between `consumer()` and now count too.
+        let mut live = self.live.clone();
+        self.spec = self
+            .follows
+            .apply(&self.spec, &live.borrow_and_update().consumer);
+        let rejoin = self.follows.any().then(|| Rejoin {
+            live,
+            follows: self.follows,
+            driver: self.driver.clone(),
+            spec: self.spec.clone(),
+        });
         let subscription = self.driver.subscribe(self.spec.clone()).await?;
         let stop = self.shutdown.child_token();
         let (assigned_tx, assigned_rx) = watch::channel(Vec::new());
@@ -284,6 +344,7 @@ impl ConsumerBuilder {
                 stop: stop.clone(),
                 assigned: assigned_tx,
                 status: status.clone(),
+                rejoin,
             };
             self.tracker.spawn(run.run())
         } else {
@@ -304,8 +365,8 @@ impl ConsumerBuilder {
             };
             let metered = MetricsLayer::new(counters.clone()).layer(inner);
             let decompressed = DecompressLayer.layer(metered);
-            let retried =
-                RetryLayer::new(backoff, stop.clone(), counters.clone()).layer(decompressed);
+            let retried = RetryLayer::new(backoff, stop.clone(), counters.clone(), dead_letters)
+                .layer(decompressed);
             let deduped = DedupService::optional(
                 retried,
                 self.dedup
@@ -326,6 +387,7 @@ impl ConsumerBuilder {
                 stop: stop.clone(),
                 assigned: assigned_tx,
                 status: status.clone(),
+                rejoin,
             };
             self.tracker.spawn(run.run())
         };
@@ -390,6 +452,41 @@ struct Runtime<S> {
     stop: CancellationToken,
     assigned: watch::Sender<Vec<TopicPartition>>,
     status: Arc<ConsumerStatus>,
+    rejoin: Option<Rejoin>,
+}
+
+/// What a consumer following the live config needs to join again (SPEC C7).
+struct Rejoin {
+    live: watch::Receiver<Arc<Config>>,
+    follows: Follows,
+    driver: Arc<dyn Driver>,
+    spec: SubscribeSpec,
+}
+
+impl Rejoin {
+    /// Resolves with the new spec once a config change alters this consumer's
+    /// subscription settings; never when the client's config can no longer change.
+    async fn changed(&mut self) -> SubscribeSpec {
+        loop {
+            if self.live.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+            let next = self
+                .follows
+                .apply(&self.spec, &self.live.borrow_and_update().consumer);
+            if spec_changed(&next, &self.spec) {
+                return next;
+            }
+        }
+    }
+}
+
+/// Waits for a rejoin-worthy config change, or forever without one.
+async fn config_change(rejoin: &mut Option<Rejoin>) -> SubscribeSpec {
+    match rejoin {
+        Some(r) => r.changed().await,
+        None => std::future::pending().await,
+    }
 }
 
 impl<S> Runtime<S>
@@ -405,6 +502,12 @@ where
             let batch = tokio::select! {
                 biased;
                 _ = self.stop.cancelled() => break,
+                spec = config_change(&mut self.rejoin) => {
+                    if !self.rejoin_with(spec, &mut workers, &mut tasks).await {
+                        break;
+                    }
+                    continue;
+                }
                 b = self.subscription.next_batch(FETCH_MAX) => b,
             };
             let batch = match batch {
@@ -462,6 +565,53 @@ where
         self.assigned.send_replace(Vec::new());
         self.status.running.store(false, Ordering::Release);
         result
+    }
+
+    /// Finishes every message already fetched (the workers drain their queues and
+    /// settle), commits and leaves, then joins again with `spec`. False when the
+    /// consumer stopped meanwhile (the caller then shuts down as usual).
+    async fn rejoin_with(
+        &mut self,
+        spec: SubscribeSpec,
+        workers: &mut HashMap<(Arc<str>, u32), mpsc::Sender<Work>>,
+        tasks: &mut JoinSet<()>,
+    ) -> bool {
+        let Some(rejoin) = &mut self.rejoin else {
+            return true;
+        };
+        tracing::info!(
+            group = %spec.group,
+            commit_interval = ?spec.commit_interval,
+            session_timeout = ?spec.session_timeout,
+            auto_offset_reset = ?spec.auto_offset_reset,
+            "consumer settings changed; committing and rejoining"
+        );
+        // Closing the queues lets each worker finish what it holds, then end.
+        workers.clear();
+        while tasks.join_next().await.is_some() {}
+        if let Err(e) = self.subscription.close().await {
+            // What was not committed is delivered again: at-least-once holds.
+            tracing::warn!(error = %e, "commit before rejoin failed");
+        }
+        let mut failures = 0u32;
+        loop {
+            match rejoin.driver.subscribe(spec.clone()).await {
+                Ok(s) => {
+                    self.subscription = s;
+                    rejoin.spec = spec;
+                    return true;
+                }
+                Err(e) => {
+                    failures = failures.saturating_add(1);
+                    let wait = Duration::from_millis(100 * u64::from(failures.min(50)));
+                    tracing::warn!(error = %e, ?wait, "rejoin failed; retrying");
+                    tokio::select! {
+                        _ = self.stop.cancelled() => return false,
+                        _ = tokio::time::sleep(wait) => {}
+                    }
+                }
+            }
+        }
     }
 
     fn dispatcher(&self) -> Dispatcher<'_, S> {

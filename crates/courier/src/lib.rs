@@ -27,6 +27,7 @@ mod compress;
 mod connect;
 mod consumer;
 mod dead_letters;
+pub mod live;
 pub mod pipeline;
 mod producer;
 mod schedule;
@@ -49,6 +50,7 @@ pub use courier_core::{
 pub use dead_letters::{
     DeadLetter, DeadLetters, LetterFilter, RedriveReport, Selection, HEADER_REDRIVEN_ID,
 };
+pub use live::{ConfigSource, FileConfigSource};
 #[cfg(feature = "redis-dedup")]
 pub use pipeline::RedisDedupStore;
 pub use pipeline::{Backoff, DedupStore, MemoryDedupStore, Permanent};

@@ -5,7 +5,9 @@
 //!
 //! The hot path touches only pre-registered handles and atomics: a topic's (or
 //! topic × group's) handles are looked up once per publish batch or per partition
-//! worker, never built per message.
+//! worker, never built per message. Each partition worker counts its handled
+//! messages in its own [`Shard`] (no cache line shared with other workers); shards
+//! are summed into the topic's numbers when a snapshot is taken.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -170,6 +172,62 @@ pub(crate) struct Counters {
     m_dead_lettered: metrics::Counter,
     m_send_latency: metrics::Histogram,
     m_e2e_latency: metrics::Histogram,
+    /// Per-worker consume counters, summed on snapshot.
+    shards: Mutex<Vec<Arc<Shard>>>,
+}
+
+/// End-to-end latency is timed for one handled message in this many (per worker;
+/// the first always): reading the clock per message costs more than the rest of the
+/// metrics step, and a sample gives the same average and p99.
+pub(crate) const E2E_SAMPLE_EVERY: u64 = 16;
+
+/// One partition worker's consume counters of one topic × group: written by that
+/// worker only, read by snapshots.
+pub(crate) struct Shard {
+    topic: Arc<str>,
+    consumed: AtomicU64,
+    consume_errors: AtomicU64,
+    e2e_latency: Histogram,
+    seen: AtomicU64,
+    m_consumed: metrics::Counter,
+    m_consume_errors: metrics::Counter,
+    m_e2e_latency: metrics::Histogram,
+}
+
+impl Shard {
+    /// The topic counted.
+    pub(crate) fn topic(&self) -> &Arc<str> {
+        &self.topic
+    }
+
+    pub(crate) fn consumed(&self) {
+        self.consumed.fetch_add(1, Relaxed);
+        self.m_consumed.increment(1);
+    }
+
+    pub(crate) fn consume_error(&self) {
+        self.consume_errors.fetch_add(1, Relaxed);
+        self.m_consume_errors.increment(1);
+    }
+
+    /// True when this message's end-to-end latency is to be timed (a sample).
+    pub(crate) fn sample_e2e(&self) -> bool {
+        // Single writer: a load and a store, no locked read-modify-write.
+        let n = self.seen.load(Relaxed);
+        self.seen.store(n.wrapping_add(1), Relaxed);
+        n.is_multiple_of(E2E_SAMPLE_EVERY)
+    }
+
+    pub(crate) fn e2e_latency(&self, d: Duration) {
+        self.e2e_latency.record(d);
+        self.m_e2e_latency.record(d.as_secs_f64());
+    }
+
+    fn reset(&self) {
+        self.consumed.store(0, Relaxed);
+        self.consume_errors.store(0, Relaxed);
+        self.e2e_latency.reset();
+    }
 }
 
 impl Counters {
@@ -199,6 +257,46 @@ impl Counters {
             m_dead_lettered: metrics::counter!(names::DEAD_LETTERED, labels.clone()),
             m_send_latency: metrics::histogram!(names::SEND_LATENCY, labels.clone()),
             m_e2e_latency: metrics::histogram!(names::E2E_LATENCY, labels),
+            shards: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// A consume shard for one worker: an idle one (its worker ended) is reused, so
+    /// shards stay as many as workers ever ran at once.
+    pub(crate) fn shard(&self) -> Arc<Shard> {
+        let mut shards = self.shards.lock();
+        if let Some(s) = shards.iter().find(|s| Arc::strong_count(s) == 1) {
+            return s.clone();
+        }
+        let s = Arc::new(Shard {
+            topic: self.topic.clone(),
+            consumed: AtomicU64::new(0),
+            consume_errors: AtomicU64::new(0),
+            e2e_latency: Histogram::new(),
+            seen: AtomicU64::new(0),
+            m_consumed: self.m_consumed.clone(),
+            m_consume_errors: self.m_consume_errors.clone(),
+            m_e2e_latency: self.m_e2e_latency.clone(),
+        });
+        shards.push(s.clone());
+        s
+    }
+
+    fn consumed_total(&self) -> (u64, u64) {
+        let shards = self.shards.lock();
+        let mut ok = self.consumed.load(Relaxed);
+        let mut err = self.consume_errors.load(Relaxed);
+        for s in shards.iter() {
+            ok += s.consumed.load(Relaxed);
+            err += s.consume_errors.load(Relaxed);
+        }
+        (ok, err)
+    }
+
+    fn merge_e2e(&self, acc: &mut LatencyAcc) {
+        self.e2e_latency.merge_into(acc);
+        for s in self.shards.lock().iter() {
+            s.e2e_latency.merge_into(acc);
         }
     }
 
@@ -219,14 +317,6 @@ impl Counters {
         self.send_latency.record(d);
         self.m_send_latency.record(d.as_secs_f64());
     }
-    pub(crate) fn consumed(&self) {
-        self.consumed.fetch_add(1, Relaxed);
-        self.m_consumed.increment(1);
-    }
-    pub(crate) fn consume_error(&self) {
-        self.consume_errors.fetch_add(1, Relaxed);
-        self.m_consume_errors.increment(1);
-    }
     pub(crate) fn retry(&self) {
         self.retries.fetch_add(1, Relaxed);
         self.m_retries.increment(1);
@@ -234,10 +324,6 @@ impl Counters {
     pub(crate) fn dead_lettered(&self) {
         self.dead_lettered.fetch_add(1, Relaxed);
         self.m_dead_lettered.increment(1);
-    }
-    pub(crate) fn e2e_latency(&self, d: Duration) {
-        self.e2e_latency.record(d);
-        self.m_e2e_latency.record(d.as_secs_f64());
     }
 
     fn reset(&self) {
@@ -253,6 +339,9 @@ impl Counters {
         }
         self.send_latency.reset();
         self.e2e_latency.reset();
+        for s in self.shards.lock().iter() {
+            s.reset();
+        }
     }
 }
 
@@ -322,14 +411,15 @@ impl Registry {
             let t = &mut entry.0;
             t.sent += c.sent.load(Relaxed);
             t.send_errors += c.send_errors.load(Relaxed);
-            t.consumed += c.consumed.load(Relaxed);
-            t.consume_errors += c.consume_errors.load(Relaxed);
+            let (ok, err) = c.consumed_total();
+            t.consumed += ok;
+            t.consume_errors += err;
             t.retries += c.retries.load(Relaxed);
             t.dead_lettered += c.dead_lettered.load(Relaxed);
             c.send_latency.merge_into(&mut entry.1);
-            c.e2e_latency.merge_into(&mut entry.2);
+            c.merge_e2e(&mut entry.2);
             c.send_latency.merge_into(&mut all_send);
-            c.e2e_latency.merge_into(&mut all_e2e);
+            c.merge_e2e(&mut all_e2e);
         }
         let mut total = TopicStats::default();
         let topics = topics
@@ -392,6 +482,11 @@ impl GroupCounters {
 
     pub(crate) fn group(&self) -> &Arc<str> {
         &self.group
+    }
+
+    /// A consume shard of `topic` × this group for one worker.
+    pub(crate) fn shard(&mut self, topic: &Arc<str>) -> Arc<Shard> {
+        self.get(topic).shard()
     }
 }
 
@@ -496,7 +591,7 @@ mod tests {
         assert!(Arc::ptr_eq(&a, &r.counters("t", None)));
         a.sent(3);
         a.send_error(1);
-        b.consumed();
+        b.shard().consumed();
         b.retry();
         for ms in 1..=100 {
             a.send_latency(Duration::from_millis(ms));
@@ -507,6 +602,28 @@ mod tests {
         assert!((t.send_latency.avg_ms - 50.5).abs() < 0.01);
         assert!(t.send_latency.p99_ms >= 99.0 && t.send_latency.p99_ms <= 112.0);
         assert_eq!(s.success_rate, 0.8);
+        let w1 = b.shard();
+        let w2 = b.shard();
+        assert!(!Arc::ptr_eq(&w1, &w2), "one shard per live worker");
+        w1.consumed();
+        w2.consumed();
+        w2.consume_error();
+        w1.e2e_latency(Duration::from_millis(3));
+        let t = r.snapshot().topic("t");
+        assert_eq!(
+            (t.consumed, t.consume_errors, t.e2e_latency.count),
+            (3, 1, 1)
+        );
+        // The shard of the first `consumed` above was idle and reused: two in all.
+        drop(w1);
+        let w3 = b.shard();
+        assert_eq!(b.shards.lock().len(), 2, "an idle shard is reused");
+        assert!(
+            (0..E2E_SAMPLE_EVERY * 2)
+                .filter(|_| w3.sample_e2e())
+                .count()
+                == 2
+        );
         r.reset();
         assert_eq!(r.snapshot().topic("t"), TopicStats::default());
     }

@@ -3,6 +3,8 @@
 //! headers; only when that publish succeeded is the message committed.
 
 use std::collections::HashSet;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -94,11 +96,20 @@ impl<S> Layer<S> for DeadLetterLayer {
 
 /// Turns an [`Exhausted`] error into a dead letter; any other error passes through
 /// (the message stays uncommitted).
-#[derive(Clone)]
 pub struct DeadLetterService<S> {
     inner: S,
-    // One shared copy: the per-message cost is a single reference count.
+    // Per partition worker (see `Clone`): the per-message cost is one uncontended
+    // reference count.
     layer: Arc<DeadLetterLayer>,
+}
+
+impl<S: Clone> Clone for DeadLetterService<S> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            layer: Arc::new(DeadLetterLayer::clone(&self.layer)),
+        }
+    }
 }
 
 impl<S> Service<Delivery> for DeadLetterService<S>
@@ -108,28 +119,73 @@ where
 {
     type Response = ();
     type Error = BoxError;
-    type Future = BoxFuture<'static, Result<(), BoxError>>;
+    type Future = DeadLetterFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, d: Delivery) -> Self::Future {
-        let fut = self.inner.call(d);
-        let layer = self.layer.clone();
-        Box::pin(async move {
-            let e = match fut.await {
-                Ok(()) => return Ok(()),
-                Err(e) => e,
-            };
-            if !layer.enabled {
-                return Err(e);
+        DeadLetterFuture {
+            state: DlState::Running {
+                fut: self.inner.call(d),
+                layer: Some(self.layer.clone()),
+            },
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// Future of [`DeadLetterService`]: the inner future as is; boxed only to
+    /// publish a dead letter.
+    pub struct DeadLetterFuture<F> {
+        #[pin]
+        state: DlState<F>,
+    }
+}
+
+pin_project_lite::pin_project! {
+    #[project = DlProj]
+    enum DlState<F> {
+        Running {
+            #[pin]
+            fut: F,
+            layer: Option<Arc<DeadLetterLayer>>,
+        },
+        Publishing {
+            fut: BoxFuture<'static, Result<(), BoxError>>,
+        },
+    }
+}
+
+impl<F: Future<Output = Result<(), BoxError>>> Future for DeadLetterFuture<F> {
+    type Output = Result<(), BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut state = self.project().state;
+        loop {
+            match state.as_mut().project() {
+                DlProj::Running { fut, layer } => {
+                    let e = match std::task::ready!(fut.poll(cx)) {
+                        Ok(()) => return Poll::Ready(Ok(())),
+                        Err(e) => e,
+                    };
+                    let Some(layer) = layer.take().filter(|l| l.enabled) else {
+                        return Poll::Ready(Err(e));
+                    };
+                    match e.downcast::<Exhausted>() {
+                        Ok(x) => {
+                            let publish = DeadLetterLayer::clone(&layer).publish(*x);
+                            state.set(DlState::Publishing {
+                                fut: Box::pin(publish),
+                            });
+                        }
+                        Err(e) => return Poll::Ready(Err(e)),
+                    }
+                }
+                DlProj::Publishing { fut } => return fut.as_mut().poll(cx),
             }
-            match e.downcast::<Exhausted>() {
-                Ok(x) => DeadLetterLayer::clone(&layer).publish(*x).await,
-                Err(e) => Err(e),
-            }
-        })
+        }
     }
 }
 

@@ -2,11 +2,12 @@
 
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use courier_core::{BoxError, Delivery};
-use futures::future::BoxFuture;
+use futures::future::{BoxFuture, CatchUnwind, Either};
 use futures::FutureExt;
 use tower::Service;
 
@@ -40,26 +41,55 @@ where
 {
     type Response = ();
     type Error = BoxError;
-    type Future = BoxFuture<'static, Result<(), BoxError>>;
+    type Future = HandlerFuture<Fut>;
 
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         Poll::Ready(Ok(()))
     }
 
     fn call(&mut self, d: Delivery) -> Self::Future {
-        let f = self.f.clone();
         // A panic becomes an ordinary failure, so a poison message is retried and
-        // dead-lettered instead of blocking its partition forever.
-        async move {
-            match AssertUnwindSafe(async move { f(d).await })
-                .catch_unwind()
-                .await
-            {
-                Ok(r) => r.map_err(Into::into),
-                Err(_) => Err(BoxError::from("handler panicked")),
-            }
+        // dead-lettered instead of blocking its partition forever — whether the
+        // closure panics making its future or the future panics when polled.
+        match std::panic::catch_unwind(AssertUnwindSafe(|| (self.f)(d))) {
+            Ok(fut) => HandlerFuture::Running {
+                fut: AssertUnwindSafe(fut).catch_unwind(),
+            },
+            Err(_) => HandlerFuture::Panicked,
         }
-        .boxed()
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// Future of [`HandlerFn`]: the closure's own future (no box), with panics
+    /// turned into errors.
+    #[project = HandlerProj]
+    pub enum HandlerFuture<F> {
+        /// The handler runs.
+        Running {
+            #[pin]
+            fut: CatchUnwind<AssertUnwindSafe<F>>,
+        },
+        /// The closure panicked before returning a future.
+        Panicked,
+    }
+}
+
+impl<F, E> Future for HandlerFuture<F>
+where
+    F: Future<Output = Result<(), E>>,
+    E: Into<BoxError>,
+{
+    type Output = Result<(), BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project() {
+            HandlerProj::Running { fut } => match std::task::ready!(fut.poll(cx)) {
+                Ok(r) => Poll::Ready(r.map_err(Into::into)),
+                Err(_) => Poll::Ready(Err(BoxError::from("handler panicked"))),
+            },
+            HandlerProj::Panicked => Poll::Ready(Err(BoxError::from("handler panicked"))),
+        }
     }
 }
 
@@ -88,7 +118,7 @@ where
 {
     type Response = ();
     type Error = BoxError;
-    type Future = BoxFuture<'static, Result<(), BoxError>>;
+    type Future = Either<HandlerFuture<Fut>, BoxFuture<'static, Result<(), BoxError>>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         match self {
@@ -99,8 +129,8 @@ where
 
     fn call(&mut self, d: Delivery) -> Self::Future {
         match self {
-            Handler::Direct(h) => h.call(d),
-            Handler::Layered(h) => h.call(d),
+            Handler::Direct(h) => Either::Left(h.call(d)),
+            Handler::Layered(h) => Either::Right(h.call(d)),
         }
     }
 }

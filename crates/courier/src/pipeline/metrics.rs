@@ -9,7 +9,7 @@ use std::time::Duration;
 use courier_core::{BoxError, Delivery};
 use tower::{Layer, Service};
 
-use crate::stats::{Counters, GroupCounters};
+use crate::stats::{GroupCounters, Shard};
 
 /// Adds [`MetricsService`].
 #[derive(Clone)]
@@ -29,16 +29,42 @@ impl<S> Layer<S> for MetricsLayer {
         MetricsService {
             inner,
             counters: self.counters.clone(),
+            shard: None,
         }
     }
 }
 
 /// Counts each handler attempt as consumed (`Ok`) or a consume error (`Err`), and
-/// records end-to-end latency (message timestamp → first attempt).
-#[derive(Clone)]
+/// records end-to-end latency (message timestamp → first attempt) of a sample of
+/// the messages. Each clone (one per partition worker) counts into its own shard.
 pub struct MetricsService<S> {
     inner: S,
     counters: GroupCounters,
+    shard: Option<Arc<Shard>>,
+}
+
+impl<S: Clone> Clone for MetricsService<S> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            counters: self.counters.clone(),
+            // A new worker gets a shard of its own on its first message.
+            shard: None,
+        }
+    }
+}
+
+impl<S> MetricsService<S> {
+    fn shard(&mut self, topic: &Arc<str>) -> Arc<Shard> {
+        match &self.shard {
+            Some(s) if Arc::ptr_eq(s.topic(), topic) || **s.topic() == **topic => s.clone(),
+            _ => {
+                let s = self.counters.shard(topic);
+                self.shard = Some(s.clone());
+                s
+            }
+        }
+    }
 }
 
 impl<S> Service<Delivery> for MetricsService<S>
@@ -54,14 +80,14 @@ where
     }
 
     fn call(&mut self, d: Delivery) -> Self::Future {
-        let counters = self.counters.get(&d.topic);
-        if d.attempt <= 1 && d.timestamp > 0 {
+        let shard = self.shard(&d.topic);
+        if d.attempt <= 1 && d.timestamp > 0 && shard.sample_e2e() {
             let age = courier_core::now_millis().saturating_sub(d.timestamp);
-            counters.e2e_latency(Duration::from_millis(age.max(0) as u64));
+            shard.e2e_latency(Duration::from_millis(age.max(0) as u64));
         }
         MetricsFuture {
             inner: self.inner.call(d),
-            counters,
+            shard,
         }
     }
 }
@@ -71,7 +97,7 @@ pin_project_lite::pin_project! {
     pub struct MetricsFuture<F> {
         #[pin]
         inner: F,
-        counters: Arc<Counters>,
+        shard: Arc<Shard>,
     }
 }
 
@@ -82,8 +108,8 @@ impl<F: Future<Output = Result<(), BoxError>>> Future for MetricsFuture<F> {
         let this = self.project();
         let out = std::task::ready!(this.inner.poll(cx));
         match &out {
-            Ok(()) => this.counters.consumed(),
-            Err(_) => this.counters.consume_error(),
+            Ok(()) => this.shard.consumed(),
+            Err(_) => this.shard.consume_error(),
         }
         Poll::Ready(out)
     }

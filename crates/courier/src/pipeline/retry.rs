@@ -6,9 +6,13 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use courier_core::{BoxError, Delivery};
+use std::future::Future;
+use std::pin::Pin;
+
 use futures::future::BoxFuture;
+use parking_lot::Mutex;
 use tokio_util::sync::CancellationToken;
-use tower::{Layer, Service, ServiceExt};
+use tower::{Layer, Service};
 
 use crate::stats::GroupCounters;
 
@@ -159,11 +163,20 @@ pub struct RetryLayer {
     backoff: Arc<Backoff>,
     stop: CancellationToken,
     counters: GroupCounters,
+    /// False when no copy of the message is needed after a failure (no retries and
+    /// no dead-lettering: the `Redeliver` policy).
+    keep_copy: bool,
 }
 
 impl RetryLayer {
-    pub(crate) fn new(backoff: Backoff, stop: CancellationToken, counters: GroupCounters) -> Self {
+    pub(crate) fn new(
+        backoff: Backoff,
+        stop: CancellationToken,
+        counters: GroupCounters,
+        dead_letters: bool,
+    ) -> Self {
         Self {
+            keep_copy: dead_letters || backoff.max_retries > 0,
             backoff: Arc::new(backoff),
             stop,
             counters,
@@ -175,82 +188,174 @@ impl<S> Layer<S> for RetryLayer {
     type Service = RetryService<S>;
     fn layer(&self, inner: S) -> Self::Service {
         RetryService {
-            inner,
-            layer: Arc::new(self.clone()),
+            shared: Arc::new(Shared {
+                inner: Mutex::new(inner),
+                layer: self.clone(),
+            }),
         }
     }
 }
 
+/// What a retry needs after the first attempt failed: the inner service to call
+/// again and the policy. One per partition worker (see [`RetryService`]'s `Clone`).
+struct Shared<S> {
+    inner: Mutex<S>,
+    layer: RetryLayer,
+}
+
 /// Calls the inner service again after a failure, up to the backoff's limit; the
-/// final error is [`Exhausted`].
-#[derive(Clone)]
+/// final error is [`Exhausted`]. The first attempt is a plain, unboxed call; only a
+/// failure starts the (boxed) retry loop.
 pub struct RetryService<S> {
-    inner: S,
-    // One shared copy: the per-message cost is a single reference count.
-    layer: Arc<RetryLayer>,
+    // Shared with this service's in-flight futures only: cloning the service (once
+    // per partition worker) copies the inner service, so workers share no state.
+    shared: Arc<Shared<S>>,
+}
+
+impl<S: Clone> Clone for RetryService<S> {
+    fn clone(&self) -> Self {
+        Self {
+            shared: Arc::new(Shared {
+                inner: Mutex::new(self.shared.inner.lock().clone()),
+                layer: self.shared.layer.clone(),
+            }),
+        }
+    }
 }
 
 impl<S> Service<Delivery> for RetryService<S>
 where
-    S: Service<Delivery, Response = (), Error = BoxError> + Clone + Send + 'static,
+    S: Service<Delivery, Response = (), Error = BoxError> + Send + 'static,
     S::Future: Send,
 {
     type Response = ();
     type Error = BoxError;
-    type Future = BoxFuture<'static, Result<(), BoxError>>;
+    type Future = RetryFuture<S::Future, S>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        self.inner.poll_ready(cx)
+        self.shared.inner.lock().poll_ready(cx)
     }
 
-    fn call(&mut self, mut d: Delivery) -> Self::Future {
-        // The ready service goes into the future; `self` keeps a fresh clone.
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
-        let layer = self.layer.clone();
-        Box::pin(async move {
-            let backoff = &layer.backoff;
-            let stop = &layer.stop;
-            let mut retries = 0u32;
-            let mut first = true;
-            loop {
-                if !first {
-                    inner.ready().await?;
+    fn call(&mut self, d: Delivery) -> Self::Future {
+        let copy = self.shared.layer.keep_copy.then(|| d.clone_message());
+        let fut = self.shared.inner.lock().call(d);
+        RetryFuture::first(fut, self.shared.clone(), copy)
+    }
+}
+
+type Pending<S> = Option<(Arc<Shared<S>>, Option<Delivery>)>;
+
+pin_project_lite::pin_project! {
+    /// Future of [`RetryService`].
+    pub struct RetryFuture<F, S> {
+        #[pin]
+        state: RetryState<F, S>,
+    }
+}
+
+impl<F, S> RetryFuture<F, S> {
+    fn first(fut: F, shared: Arc<Shared<S>>, copy: Option<Delivery>) -> Self {
+        Self {
+            state: RetryState::First {
+                fut,
+                pending: Some((shared, copy)),
+            },
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    #[project = RetryProj]
+    enum RetryState<F, S> {
+        // The first attempt.
+        First {
+            #[pin]
+            fut: F,
+            pending: Pending<S>,
+        },
+        // Retrying after a failure.
+        Again {
+            fut: BoxFuture<'static, Result<(), BoxError>>,
+        },
+    }
+}
+
+impl<F, S> Future for RetryFuture<F, S>
+where
+    F: Future<Output = Result<(), BoxError>>,
+    S: Service<Delivery, Response = (), Error = BoxError> + Send + 'static,
+    S::Future: Send,
+{
+    type Output = Result<(), BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut state = self.project().state;
+        loop {
+            match state.as_mut().project() {
+                RetryProj::First { fut, pending } => {
+                    let e = match std::task::ready!(fut.poll(cx)) {
+                        Ok(()) => return Poll::Ready(Ok(())),
+                        Err(e) => e,
+                    };
+                    let Some((shared, Some(d))) = pending.take() else {
+                        // Redeliver policy: nothing to retry or bury here.
+                        return Poll::Ready(Err(e));
+                    };
+                    let again = Box::pin(retry_after_failure(shared, d, e));
+                    state.set(RetryState::Again { fut: again });
                 }
-                first = false;
-                let result = inner.call(d.clone_message()).await;
-                let e = match result {
-                    Ok(()) => return Ok(()),
-                    Err(e) => e,
-                };
-                if stop.is_cancelled() {
-                    // A handler failing while its consumer stops (e.g. its output
-                    // closed) is not the message's fault: redeliver, don't bury it.
-                    return Err(Box::new(Interrupted) as BoxError);
-                }
-                if retries >= backoff.max_retries || !backoff.is_retryable(&e) {
-                    return Err(Box::new(Exhausted {
-                        retries,
-                        source: e,
-                        delivery: Box::new(d),
-                    }) as BoxError);
-                }
-                let wait = backoff.delay(retries);
-                // Looked up on the failure path only; the happy path stays lookup-free.
-                layer.counters.clone().get(&d.topic).retry();
-                tracing::warn!(
-                    topic = %d.topic, partition = d.partition, offset = d.offset,
-                    retry = retries + 1, ?wait, error = %e, "handler failed; retrying"
-                );
-                tokio::select! {
-                    biased;
-                    _ = stop.cancelled() => return Err(Box::new(Interrupted) as BoxError),
-                    _ = tokio::time::sleep(wait) => {}
-                }
-                retries += 1;
-                d.attempt = d.attempt.saturating_add(1);
+                RetryProj::Again { fut } => return fut.as_mut().poll(cx),
             }
-        })
+        }
+    }
+}
+
+/// The retry loop after the first attempt failed with `e`.
+async fn retry_after_failure<S>(
+    shared: Arc<Shared<S>>,
+    mut d: Delivery,
+    mut e: BoxError,
+) -> Result<(), BoxError>
+where
+    S: Service<Delivery, Response = (), Error = BoxError> + Send + 'static,
+    S::Future: Send,
+{
+    let backoff = &shared.layer.backoff;
+    let stop = &shared.layer.stop;
+    let mut retries = 0u32;
+    loop {
+        if stop.is_cancelled() {
+            // A handler failing while its consumer stops (e.g. its output closed) is
+            // not the message's fault: redeliver, don't bury it.
+            return Err(Box::new(Interrupted) as BoxError);
+        }
+        if retries >= backoff.max_retries || !backoff.is_retryable(&e) {
+            return Err(Box::new(Exhausted {
+                retries,
+                source: e,
+                delivery: Box::new(d),
+            }) as BoxError);
+        }
+        let wait = backoff.delay(retries);
+        // Looked up on the failure path only; the happy path stays lookup-free.
+        shared.layer.counters.clone().get(&d.topic).retry();
+        tracing::warn!(
+            topic = %d.topic, partition = d.partition, offset = d.offset,
+            retry = retries + 1, ?wait, error = %e, "handler failed; retrying"
+        );
+        tokio::select! {
+            biased;
+            _ = stop.cancelled() => return Err(Box::new(Interrupted) as BoxError),
+            _ = tokio::time::sleep(wait) => {}
+        }
+        retries += 1;
+        d.attempt = d.attempt.saturating_add(1);
+        futures::future::poll_fn(|cx| shared.inner.lock().poll_ready(cx)).await?;
+        let fut = shared.inner.lock().call(d.clone_message());
+        match fut.await {
+            Ok(()) => return Ok(()),
+            Err(next) => e = next,
+        }
     }
 }
 

@@ -1,6 +1,8 @@
 //! Consume-side trace propagation (SPEC R1): the handler runs in a `courier.consume`
 //! span whose `trace_id` is the producer's, as the current [`TraceContext`].
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -48,7 +50,7 @@ where
 {
     type Response = ();
     type Error = BoxError;
-    type Future = TaskLocalFuture<Option<TraceContext>, Instrumented<S::Future>>;
+    type Future = TraceFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         self.inner.poll_ready(cx)
@@ -60,8 +62,15 @@ where
             None if tracing::enabled!(tracing::Level::INFO) => Some(TraceContext::new_root()),
             None => None,
         };
-        let span = match &ctx {
-            Some(c) => tracing::info_span!(
+        let Some(c) = &ctx else {
+            // Nothing to carry and nobody listening: no span, no task-local.
+            return TraceFuture {
+                state: TraceState::Plain {
+                    fut: self.inner.call(d),
+                },
+            };
+        };
+        let span = tracing::info_span!(
                 "courier.consume",
                 trace_id = %format_args!("{:032x}", c.trace_id),
                 span_id = %format_args!("{:016x}", c.span_id),
@@ -71,9 +80,44 @@ where
                 offset = d.offset,
                 group = %self.group,
                 message_id = %d.id,
-            ),
-            None => tracing::Span::none(),
-        };
-        scoped(ctx, self.inner.call(d).instrument(span))
+        );
+        TraceFuture {
+            state: TraceState::Scoped {
+                fut: scoped(ctx, self.inner.call(d).instrument(span)),
+            },
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// Future of [`TraceService`].
+    pub struct TraceFuture<F> {
+        #[pin]
+        state: TraceState<F>,
+    }
+}
+
+pin_project_lite::pin_project! {
+    #[project = TraceProj]
+    enum TraceState<F> {
+        Plain {
+            #[pin]
+            fut: F,
+        },
+        Scoped {
+            #[pin]
+            fut: TaskLocalFuture<Option<TraceContext>, Instrumented<F>>,
+        },
+    }
+}
+
+impl<F: Future> Future for TraceFuture<F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        match self.project().state.project() {
+            TraceProj::Plain { fut } => fut.poll(cx),
+            TraceProj::Scoped { fut } => fut.poll(cx),
+        }
     }
 }
