@@ -420,17 +420,26 @@ impl<S: LogStore> Subscription for LocalSubscription<S> {
             // Nothing to read: sleep until new data, an assignment change, a release
             // of a partition we wait for, a nack's pause ending, or the commit timer.
             let mut waits: Vec<BoxFuture<'static, ()>> = Vec::new();
+            let mut readable = false;
+            let now = Instant::now();
             for o in &self.owned {
                 let mut rx = o.log.watch_end();
                 let seen = *rx.borrow_and_update();
-                let from = self
+                let (from, paused) = self
                     .acks
                     .cursors
                     .lock()
                     .get(&o.tp)
-                    .map_or(seen, |c| c.next_fetch);
+                    .map_or((seen, false), |c| {
+                        (c.next_fetch, c.paused_until.is_some_and(|u| u > now))
+                    });
                 if seen > from {
-                    waits.clear();
+                    if paused {
+                        continue; // the pause's end is in `wake_at`
+                    }
+                    // Appended after the fetch looked (or rewound by a nack): waiting
+                    // for the next append would miss it until another event came.
+                    readable = true;
                     break;
                 }
                 waits.push(
@@ -439,6 +448,12 @@ impl<S: LogStore> Subscription for LocalSubscription<S> {
                     }
                     .boxed(),
                 );
+            }
+            if readable {
+                // A short pause, not a spin, should a log's end run ahead of what it
+                // can read yet.
+                tokio::time::sleep(Duration::from_millis(1)).await;
+                continue;
             }
             let mut assignment = self.assignment.clone();
             waits.push(
