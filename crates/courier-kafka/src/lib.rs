@@ -90,6 +90,7 @@ impl Driver for KafkaDriver {
             dense_offsets: true,
             max_in_flight_publishes: MAX_IN_FLIGHT_PUBLISHES,
             read_by_position: false,
+            index_by_position: false,
         }
     }
 

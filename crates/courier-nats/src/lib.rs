@@ -141,6 +141,7 @@ impl Driver for NatsDriver {
             dense_offsets: false,
             max_in_flight_publishes: MAX_IN_FLIGHT_PUBLISHES,
             read_by_position: false,
+            index_by_position: false,
         }
     }
 

@@ -24,7 +24,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use courier_core::{
     Capabilities, Config, Driver, Error, GroupInfo, OffsetReset, Receipt, Record, ResetTo, Result,
-    SubscribeSpec, Subscription, TopicInfo, TopicSpec,
+    SubscribeSpec, Subscription, TopicInfo, TopicPartition, TopicSpec,
 };
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::sync::mpsc;
@@ -151,7 +151,8 @@ impl Driver for RedisDriver {
             native_compression: false,
             dense_offsets: true,
             max_in_flight_publishes: 1,
-            read_by_position: false,
+            read_by_position: true,
+            index_by_position: true,
         }
     }
 
@@ -264,6 +265,17 @@ impl Driver for RedisDriver {
 
     async fn describe_topic(&self, name: &str) -> Result<TopicInfo> {
         self.admin.describe_topic(name).await
+    }
+
+    async fn read_records(
+        &self,
+        tp: &TopicPartition,
+        from: u64,
+        max: usize,
+    ) -> Result<Vec<(u64, Record)>> {
+        self.admin
+            .read_records(&tp.topic, tp.partition, from, max)
+            .await
     }
 
     async fn update_topic_config(
