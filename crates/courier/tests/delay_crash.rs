@@ -143,6 +143,20 @@ async fn redis_acknowledged_delayed_messages_survive_kill_9() {
     assert_eq!(dups, 0, "delivered more than once");
 }
 
+/// The same on the shared Kafka broker (tansu; positional reads by an assigned
+/// consumer). Kills later: joining the group takes seconds there.
+#[cfg(feature = "kafka")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_acknowledged_delayed_messages_survive_kill_9() {
+    let url =
+        std::env::var("COURIER_KAFKA_URL").unwrap_or_else(|_| "kafka://127.0.0.1:9092".into());
+    let run = ulid::Ulid::new().to_string().to_lowercase();
+    let topic = format!("delay-crash-{run}");
+    let scope = format!("crash-{run}");
+    let dups = crash_and_recover(&url, &topic, &scope, &format!("check-{run}"), [8000, 7000]).await;
+    assert_eq!(dups, 0, "delivered more than once");
+}
+
 /// On the shared NATS server (no `read_by_position`: JetStream redelivers a killed
 /// member's unacknowledged entries late, out of log order): nothing is lost or
 /// early; repeats (same id) are counted, not refused.
