@@ -1164,6 +1164,18 @@ pub fn read_records_by_position(h: &dyn Harness) -> BoxFuture<'_, ()> {
             .await
             .expect("read past the end");
         assert!(past.is_empty(), "{past:?}");
+        // One batch to one partition (one record batch on Kafka) reads back whole.
+        let batch: Vec<Message> = (0..20)
+            .map(|i| Message::new(&t, format!("b{i}")).partition(0))
+            .collect();
+        let sent = p.send_batch(batch).await.expect("send");
+        let back = driver
+            .read_records(&tp, sent[0].offset, 100)
+            .await
+            .expect("read the batch");
+        let ids: Vec<&str> = back.iter().map(|(_, r)| r.id.as_str()).collect();
+        let want: Vec<&str> = sent.iter().map(|r| r.id.as_str()).collect();
+        assert_eq!(ids, want);
         shutdown(client).await;
     })
 }

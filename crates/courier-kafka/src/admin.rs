@@ -21,6 +21,8 @@ use crate::offsets;
 use crate::BACKEND;
 
 const TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a read by position waits for more after an end-of-partition event.
+const EOF_QUIET: Duration = Duration::from_millis(200);
 
 /// Admin operations; blocking librdkafka calls run on the blocking pool.
 pub(crate) struct Admin {
@@ -203,14 +205,29 @@ impl Admin {
                 .map_err(backend)?;
             c.assign(&tpl).map_err(backend)?;
             let deadline = std::time::Instant::now() + TIMEOUT;
+            // The read ends after an end-of-partition event followed by a quiet poll
+            // or another such event, not at the watermark above: tansu reports a watermark inside a freshly
+            // written multi-record batch, and raises end-of-partition mid-way too.
+            let mut eof = false;
             while out.len() < max {
                 let left = deadline.saturating_duration_since(std::time::Instant::now());
                 if left.is_zero() {
                     return Err(Error::backend(BACKEND, "read by position timed out"));
                 }
-                let m = match c.poll(left.min(Duration::from_millis(500))) {
+                let wait = if eof {
+                    EOF_QUIET
+                } else {
+                    left.min(Duration::from_millis(500))
+                };
+                let m = match c.poll(wait) {
+                    None if eof => break,
                     None => continue,
-                    Some(Err(rdkafka::error::KafkaError::PartitionEOF(_))) => break,
+                    // Two in a row with no record between: the end.
+                    Some(Err(rdkafka::error::KafkaError::PartitionEOF(_))) if eof => break,
+                    Some(Err(rdkafka::error::KafkaError::PartitionEOF(_))) => {
+                        eof = true;
+                        continue;
+                    }
                     Some(Err(e)) => return Err(backend(e)),
                     Some(Ok(m)) => m,
                 };
@@ -245,9 +262,7 @@ impl Admin {
                         timestamp: m.timestamp().to_millis().unwrap_or(0),
                     },
                 ));
-                if offset + 1 >= hi {
-                    break;
-                }
+                eof = false;
             }
             Ok(out)
         })
