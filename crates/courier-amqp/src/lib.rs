@@ -234,6 +234,7 @@ impl Driver for AmqpDriver {
             dense_offsets: false,
             max_in_flight_publishes: MAX_IN_FLIGHT_PUBLISHES,
             read_by_position: false,
+            index_by_position: false,
         }
     }
 

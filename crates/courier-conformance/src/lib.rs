@@ -44,6 +44,7 @@ macro_rules! conformance_tests {
             duplicate_id_is_handled_once,
             trace_context_reaches_handler_span,
             large_values_are_compressed_transparently,
+            read_records_by_position,
             delayed_not_visible_early_then_on_time,
             delayed_order_follows_due_times,
             delayed_survive_restart,

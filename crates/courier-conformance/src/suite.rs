@@ -1109,6 +1109,77 @@ pub fn trace_context_reaches_handler_span(h: &dyn Harness) -> BoxFuture<'_, ()> 
     })
 }
 
+/// `Driver::read_records` (what the scheduler's crash recovery looks interrupted
+/// moves up with) returns a partition's records from an offset on, with the offsets
+/// receipts named, only that partition's, and nothing past the end; one that cannot
+/// says so with `Error::Unsupported` (and does not declare `read_by_position`).
+pub fn read_records_by_position(h: &dyn Harness) -> BoxFuture<'_, ()> {
+    boxed(async move {
+        let client = h.client().await.expect("connect");
+        let t = topic(&client, "readpos", 2).await;
+        let driver = client.driver().clone();
+        let tp = courier::TopicPartition::new(&t, 0);
+        // A driver may read by position without declaring it (the capability also
+        // promises the scheduler's crash recovery works there); then it is checked too.
+        if let Err(Error::Unsupported { .. }) = driver.read_records(&tp, 0, 10).await {
+            assert!(!client.capabilities().read_by_position);
+            return shutdown(client).await;
+        }
+        let p = client.producer();
+        // Interleaved with partition 1, so offsets of partition 0 need not be dense.
+        let mut receipts = Vec::new();
+        for i in 0..10u32 {
+            let mut batch = vec![Message::new(&t, format!("v{i}"))
+                .key(format!("k{i}"))
+                .header("n", i.to_string())
+                .partition(0)];
+            batch.push(Message::new(&t, format!("other{i}")).partition(1));
+            let r = p.send_batch(batch).await.expect("send");
+            receipts.push(r[0].clone());
+        }
+        let all = driver
+            .read_records(&tp, receipts[0].offset, 100)
+            .await
+            .expect("read");
+        assert_eq!(all.len(), 10, "{all:?}");
+        for (i, ((offset, r), receipt)) in all.iter().zip(&receipts).enumerate() {
+            assert_eq!(*offset, receipt.offset, "record {i}");
+            assert_eq!(r.id, receipt.id, "record {i}");
+            assert_eq!(r.topic, t);
+            assert_eq!(r.partition, Some(0));
+            assert_eq!(r.value.as_ref(), format!("v{i}").as_bytes());
+            assert_eq!(r.key.as_deref(), Some(format!("k{i}").as_bytes()));
+            assert_eq!(r.headers.get_str("n"), Some(i.to_string().as_str()));
+            assert_eq!(r.timestamp, receipt.timestamp, "record {i}");
+        }
+        let mid = driver
+            .read_records(&tp, receipts[3].offset, 4)
+            .await
+            .expect("read");
+        let ids: Vec<&str> = mid.iter().map(|(_, r)| r.id.as_str()).collect();
+        let want: Vec<&str> = receipts[3..7].iter().map(|r| r.id.as_str()).collect();
+        assert_eq!(ids, want);
+        let past = driver
+            .read_records(&tp, receipts[9].offset + 1, 10)
+            .await
+            .expect("read past the end");
+        assert!(past.is_empty(), "{past:?}");
+        // One batch to one partition (one record batch on Kafka) reads back whole.
+        let batch: Vec<Message> = (0..20)
+            .map(|i| Message::new(&t, format!("b{i}")).partition(0))
+            .collect();
+        let sent = p.send_batch(batch).await.expect("send");
+        let back = driver
+            .read_records(&tp, sent[0].offset, 100)
+            .await
+            .expect("read the batch");
+        let ids: Vec<&str> = back.iter().map(|(_, r)| r.id.as_str()).collect();
+        let want: Vec<&str> = sent.iter().map(|r| r.id.as_str()).collect();
+        assert_eq!(ids, want);
+        shutdown(client).await;
+    })
+}
+
 /// Values over 1 KiB arrive byte-identical (compressed on the way where the backend
 /// does not compress natively); small values are untouched.
 pub fn large_values_are_compressed_transparently(h: &dyn Harness) -> BoxFuture<'_, ()> {

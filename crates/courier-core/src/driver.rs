@@ -36,11 +36,16 @@ pub struct Capabilities {
     /// How many `publish` calls a producer may have in flight without breaking per-key
     /// order (1 unless the driver preserves order across concurrent calls).
     pub max_in_flight_publishes: usize,
-    /// [`Driver::read_records`] works: Courier's scheduler then keeps only a 24-byte
-    /// index entry per pending delayed message, and a crash between moving due
-    /// messages and recording the move repeats nothing (it looks in the targets).
-    /// Without it a crash in that window delivers those messages again, same id.
+    /// [`Driver::read_records`] works: a crash of Courier's scheduler between moving
+    /// due messages and recording the move repeats nothing (it looks the interrupted
+    /// batch up in the targets). Without it a crash in that window delivers those
+    /// messages again, same id.
     pub read_by_position: bool,
+    /// [`Driver::read_records`] is cheap enough (a local read or one round trip) to
+    /// read every due delayed message back by position: the scheduler then keeps only
+    /// a 24-byte index entry per pending delayed message instead of its payload. Only
+    /// meaningful with `read_by_position`.
+    pub index_by_position: bool,
 }
 
 impl Default for Capabilities {
@@ -56,6 +61,7 @@ impl Default for Capabilities {
             dense_offsets: true,
             max_in_flight_publishes: 1,
             read_by_position: false,
+            index_by_position: false,
         }
     }
 }

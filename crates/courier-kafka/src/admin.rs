@@ -4,8 +4,8 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use courier_core::{
-    Error, GroupInfo, GroupOffset, MemberInfo, PartitionInfo, ResetTo, Result, TopicInfo,
-    TopicPartition, TopicSpec,
+    Error, GroupInfo, GroupOffset, Headers, MemberInfo, PartitionInfo, Record, ResetTo, Result,
+    TopicInfo, TopicPartition, TopicSpec, HEADER_MESSAGE_ID,
 };
 use rdkafka::admin::{
     AdminClient, AdminOptions, AlterConfig, NewPartitions, NewTopic, ResourceSpecifier,
@@ -21,6 +21,8 @@ use crate::offsets;
 use crate::BACKEND;
 
 const TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a read by position waits for more after an end-of-partition event.
+const EOF_QUIET: Duration = Duration::from_millis(200);
 
 /// Admin operations; blocking librdkafka calls run on the blocking pool.
 pub(crate) struct Admin {
@@ -163,6 +165,106 @@ impl Admin {
                 .collect();
             names.sort();
             Ok(names)
+        })
+        .await
+    }
+
+    /// Up to `max` records of `topic`/`partition` from `from` on (from the low
+    /// watermark when `from` was deleted): a consumer without a group, assigned at
+    /// the offset, polled until `max` records or the high watermark.
+    pub(crate) async fn read_records(
+        &self,
+        topic: &str,
+        partition: u32,
+        from: u64,
+        max: usize,
+    ) -> Result<Vec<(u64, Record)>> {
+        let mut config = self.config.clone();
+        config
+            .set("enable.auto.commit", "false")
+            .set("enable.partition.eof", "true")
+            .set("auto.offset.reset", "earliest");
+        // librdkafka's consumer wants a group id even when it only `assign`s; this one
+        // never joins (no subscribe) and never commits.
+        config.set("group.id", "__courier.read-by-position");
+        let topic = topic.to_string();
+        let max = max.max(1);
+        blocking(move || {
+            use rdkafka::message::{Headers as _, Message as _};
+            let c: BaseConsumer = config.create().map_err(backend)?;
+            let (lo, hi) = c
+                .fetch_watermarks(&topic, partition as i32, TIMEOUT)
+                .map_err(|e| Error::connection(BACKEND, e))?;
+            let start = (from.min(i64::MAX as u64) as i64).max(lo);
+            let mut out = Vec::new();
+            if start >= hi {
+                return Ok(out);
+            }
+            let mut tpl = TopicPartitionList::new();
+            tpl.add_partition_offset(&topic, partition as i32, Offset::Offset(start))
+                .map_err(backend)?;
+            c.assign(&tpl).map_err(backend)?;
+            let deadline = std::time::Instant::now() + TIMEOUT;
+            // The read ends after an end-of-partition event followed by a quiet poll
+            // or another such event, not at the watermark above: tansu reports a watermark inside a freshly
+            // written multi-record batch, and raises end-of-partition mid-way too.
+            let mut eof = false;
+            while out.len() < max {
+                let left = deadline.saturating_duration_since(std::time::Instant::now());
+                if left.is_zero() {
+                    return Err(Error::backend(BACKEND, "read by position timed out"));
+                }
+                let wait = if eof {
+                    EOF_QUIET
+                } else {
+                    left.min(Duration::from_millis(500))
+                };
+                let m = match c.poll(wait) {
+                    None if eof => break,
+                    None => continue,
+                    // Two in a row with no record between: the end.
+                    Some(Err(rdkafka::error::KafkaError::PartitionEOF(_))) if eof => break,
+                    Some(Err(rdkafka::error::KafkaError::PartitionEOF(_))) => {
+                        eof = true;
+                        continue;
+                    }
+                    Some(Err(e)) => return Err(backend(e)),
+                    Some(Ok(m)) => m,
+                };
+                let offset = m.offset();
+                let mut headers = Headers::new();
+                let mut id = String::new();
+                if let Some(hs) = m.headers() {
+                    for h in hs.iter() {
+                        let value = h
+                            .value
+                            .map(bytes::Bytes::copy_from_slice)
+                            .unwrap_or_default();
+                        if h.key == HEADER_MESSAGE_ID {
+                            id = String::from_utf8_lossy(&value).into_owned();
+                        } else {
+                            headers.insert(h.key, value);
+                        }
+                    }
+                }
+                out.push((
+                    offset.max(0) as u64,
+                    Record {
+                        topic: topic.clone(),
+                        partition: Some(partition),
+                        id,
+                        key: m.key().map(bytes::Bytes::copy_from_slice),
+                        value: m
+                            .payload()
+                            .map(bytes::Bytes::copy_from_slice)
+                            .unwrap_or_default(),
+                        headers,
+                        timestamp: m.timestamp().to_millis().unwrap_or(0),
+                    },
+                ));
+                eof = false;
+            }
+            Ok(out)
         })
         .await
     }

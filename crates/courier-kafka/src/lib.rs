@@ -17,7 +17,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use courier_core::{
     Acks, Capabilities, Config, Driver, Error, GroupInfo, Receipt, Record, ResetTo, Result,
-    SubscribeSpec, Subscription, TopicInfo, TopicSpec,
+    SubscribeSpec, Subscription, TopicInfo, TopicPartition, TopicSpec,
 };
 use rdkafka::producer::{FutureProducer, Producer};
 use rdkafka::ClientConfig;
@@ -89,7 +89,8 @@ impl Driver for KafkaDriver {
             native_compression: true,
             dense_offsets: true,
             max_in_flight_publishes: MAX_IN_FLIGHT_PUBLISHES,
-            read_by_position: false,
+            read_by_position: true,
+            index_by_position: false,
         }
     }
 
@@ -154,6 +155,17 @@ impl Driver for KafkaDriver {
 
     async fn describe_topic(&self, name: &str) -> Result<TopicInfo> {
         self.admin.describe_topic(name).await
+    }
+
+    async fn read_records(
+        &self,
+        tp: &TopicPartition,
+        from: u64,
+        max: usize,
+    ) -> Result<Vec<(u64, Record)>> {
+        self.admin
+            .read_records(&tp.topic, tp.partition, from, max)
+            .await
     }
 
     async fn update_topic_config(

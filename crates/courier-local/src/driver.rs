@@ -87,6 +87,7 @@ impl<S: LogStore> Driver for LogDriver<S> {
             durable: self.shared.store.durable(),
             max_in_flight_publishes: 1,
             read_by_position: true,
+            index_by_position: true,
             ..Capabilities::default()
         }
     }

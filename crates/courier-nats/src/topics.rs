@@ -8,7 +8,7 @@ use async_nats::jetstream::context::{CreateStreamErrorKind, GetStreamErrorKind};
 use async_nats::jetstream::stream::{self, DiscardPolicy, RetentionPolicy, StorageType};
 use async_nats::jetstream::Context;
 use async_nats::jetstream::ErrorCode;
-use courier_core::{Error, PartitionInfo, Result, TopicInfo, TopicSpec};
+use courier_core::{Error, PartitionInfo, Record, Result, TopicInfo, TopicSpec};
 use futures::TryStreamExt;
 
 use crate::names;
@@ -173,6 +173,107 @@ pub(crate) async fn subject_counts(s: &stream::Stream) -> Result<BTreeMap<String
         .try_collect()
         .await
         .map_err(|e| Error::backend(BACKEND, e))
+}
+
+/// Longest a read-by-position waits for one fetch (the server answers at once when
+/// nothing more is stored; this only bounds a stalled reply).
+const READ_EXPIRES: Duration = Duration::from_secs(5);
+/// Most messages asked for per fetch.
+const READ_BATCH: usize = 1024;
+
+/// Up to `max` records of one partition from stream sequence `from` on, through an
+/// ephemeral pull consumer filtered to the partition's subject (no acks, removed
+/// afterwards): one consumer create plus one fetch per [`READ_BATCH`], instead of
+/// a direct get per message.
+pub(crate) async fn read_records(
+    js: &Context,
+    topic: &str,
+    partition: u32,
+    from: u64,
+    max: usize,
+) -> Result<Vec<(u64, Record)>> {
+    use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
+    use futures::StreamExt;
+
+    let s = get(js, topic)
+        .await?
+        .ok_or_else(|| Error::TopicNotFound(topic.to_string()))?;
+    let subject = names::subject(topic, partition);
+    if !s.cached_info().config.subjects.contains(&subject) {
+        return Ok(Vec::new());
+    }
+    let consumer = s
+        .create_consumer(pull::Config {
+            filter_subject: subject,
+            // Sequences start at 1; a trimmed `from` starts at the first kept one.
+            deliver_policy: DeliverPolicy::ByStartSequence {
+                start_sequence: from.max(1),
+            },
+            ack_policy: AckPolicy::None,
+            // Removed below; this only cleans up after a dropped connection.
+            inactive_threshold: Duration::from_secs(30),
+            memory_storage: true,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| Error::backend(BACKEND, e))?;
+    let max = max.max(1);
+    let mut out = Vec::with_capacity(max.min(READ_BATCH));
+    let res: Result<()> = async {
+        while out.len() < max {
+            let mut batch = consumer
+                .fetch()
+                .max_messages((max - out.len()).min(READ_BATCH))
+                .expires(READ_EXPIRES)
+                .messages()
+                .await
+                .map_err(|e| Error::backend(BACKEND, e))?;
+            let mut more = false;
+            let mut got = 0;
+            while let Some(m) = batch.next().await {
+                let m = m.map_err(|e| Error::backend(BACKEND, e))?;
+                let (seq, published, pending) = match m.info() {
+                    Ok(i) => (
+                        i.stream_sequence,
+                        (i.published.unix_timestamp_nanos() / 1_000_000) as i64,
+                        i.pending,
+                    ),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "message without JetStream metadata skipped");
+                        continue;
+                    }
+                };
+                more = pending > 0;
+                got += 1;
+                let msg = m.message;
+                let d = crate::codec::decode(msg.headers.as_ref(), seq, published);
+                out.push((
+                    seq,
+                    Record {
+                        topic: topic.to_string(),
+                        partition: Some(partition),
+                        id: d.id,
+                        key: d.key,
+                        value: msg.payload,
+                        headers: d.headers,
+                        timestamp: d.timestamp,
+                    },
+                ));
+            }
+            if got == 0 || !more {
+                break;
+            }
+        }
+        Ok(())
+    }
+    .await;
+    let name = consumer.cached_info().name.clone();
+    if let Err(e) = s.delete_consumer(&name).await {
+        tracing::debug!(error = %e, "read consumer not removed; it expires on its own");
+    }
+    res?;
+    out.truncate(max);
+    Ok(out)
 }
 
 pub(crate) async fn describe(js: &Context, topic: &str) -> Result<TopicInfo> {

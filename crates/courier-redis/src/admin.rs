@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use courier_core::{
-    Error, GroupInfo, GroupOffset, MemberInfo, PartitionInfo, ResetTo, Result, TopicInfo,
+    Error, GroupInfo, GroupOffset, MemberInfo, PartitionInfo, Record, ResetTo, Result, TopicInfo,
     TopicPartition, TopicSpec,
 };
 use redis::aio::ConnectionManager;
@@ -171,6 +171,46 @@ impl Admin {
             .map(|r| match r {
                 Ok(info) => extent_of(&info),
                 Err(_) => (0, 0),
+            })
+            .collect())
+    }
+
+    /// Up to `max` records of `topic`/`partition` from `offset` on (`XRANGE`, one
+    /// round trip); from the first kept entry when `offset` was trimmed.
+    pub(crate) async fn read_records(
+        &self,
+        topic: &str,
+        partition: u32,
+        offset: u64,
+        max: usize,
+    ) -> Result<Vec<(u64, Record)>> {
+        let reply: Value = self
+            .query(
+                redis::cmd("XRANGE")
+                    .arg(self.keys.stream(topic, partition))
+                    .arg(codec::id_of(offset))
+                    .arg("+")
+                    .arg("COUNT")
+                    .arg(max.max(1)),
+            )
+            .await?;
+        let Value::Array(entries) = reply else {
+            return Ok(Vec::new());
+        };
+        Ok(entries
+            .into_iter()
+            .filter_map(crate::reader::entry_parts)
+            .filter_map(|(offset, fields)| {
+                let r = crate::reader::record_of(topic, partition, fields?);
+                if r.is_none() {
+                    tracing::warn!(
+                        topic,
+                        partition,
+                        offset,
+                        "skipping a stream entry not in Courier's format"
+                    );
+                }
+                Some((offset, r?))
             })
             .collect())
     }

@@ -25,7 +25,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use courier_core::{
     Capabilities, Config, Driver, Error, GroupInfo, OffsetReset, Receipt, Record, ResetTo, Result,
-    SubscribeSpec, Subscription, TopicInfo, TopicSpec,
+    SubscribeSpec, Subscription, TopicInfo, TopicPartition, TopicSpec,
 };
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::sync::mpsc;
@@ -199,7 +199,8 @@ impl Driver for RedisDriver {
             // The lane keeps calls in order (see `lane`); each call is up to 9
             // pipelines, so a few calls fill the lane's window.
             max_in_flight_publishes: 4,
-            read_by_position: false,
+            read_by_position: true,
+            index_by_position: true,
         }
     }
 
@@ -312,6 +313,17 @@ impl Driver for RedisDriver {
 
     async fn describe_topic(&self, name: &str) -> Result<TopicInfo> {
         self.admin.describe_topic(name).await
+    }
+
+    async fn read_records(
+        &self,
+        tp: &TopicPartition,
+        from: u64,
+        max: usize,
+    ) -> Result<Vec<(u64, Record)>> {
+        self.admin
+            .read_records(&tp.topic, tp.partition, from, max)
+            .await
     }
 
     async fn update_topic_config(

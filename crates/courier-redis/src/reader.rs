@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use courier_core::{AckHandle, AckToken, Acker, Delivery};
+use courier_core::{AckHandle, AckToken, Acker, Delivery, Record};
 use redis::aio::ConnectionManager;
 use redis::Value;
 
@@ -350,7 +350,7 @@ fn streams(reply: Value) -> Vec<(Vec<u8>, Vec<Value>)> {
 
 /// `(offset, fields)` of one entry; fields are `None` for a pending entry whose data
 /// was deleted.
-fn entry_parts(entry: Value) -> Option<(u64, Option<Vec<Value>>)> {
+pub(crate) fn entry_parts(entry: Value) -> Option<(u64, Option<Vec<Value>>)> {
     let Value::Array(mut parts) = entry else {
         return None;
     };
@@ -366,6 +366,36 @@ fn entry_parts(entry: Value) -> Option<(u64, Option<Vec<Value>>)> {
         _ => None,
     };
     Some((offset, fields))
+}
+
+/// The record of one entry's fields (`None` when they are not in Courier's format).
+pub(crate) fn record_of(topic: &str, partition: u32, fields: Vec<Value>) -> Option<Record> {
+    let (meta, value) = meta_and_value(fields);
+    let meta = codec::decode_meta(&meta?).ok()?;
+    Some(Record {
+        topic: topic.to_string(),
+        partition: Some(partition),
+        id: meta.id,
+        key: meta.key,
+        value: value.unwrap_or_default(),
+        headers: meta.headers,
+        timestamp: meta.timestamp,
+    })
+}
+
+/// The raw `m` and `v` fields of an entry.
+fn meta_and_value(fields: Vec<Value>) -> (Option<Bytes>, Option<Bytes>) {
+    let mut meta = None;
+    let mut value = None;
+    let mut it = fields.into_iter();
+    while let (Some(k), Some(v)) = (it.next(), it.next()) {
+        match resp::bytes(&k) {
+            Some(b) if b == FIELD_META.as_bytes() => meta = into_bytes(v),
+            Some(b) if b == FIELD_VALUE.as_bytes() => value = into_bytes(v),
+            _ => {}
+        }
+    }
+    (meta, value)
 }
 
 fn into_bytes(v: Value) -> Option<Bytes> {
@@ -384,16 +414,7 @@ fn delivery(
     part: &crate::state::Part,
     acker: &Arc<dyn Acker>,
 ) -> Option<Delivery> {
-    let mut meta = None;
-    let mut value = None;
-    let mut it = fields.into_iter();
-    while let (Some(k), Some(v)) = (it.next(), it.next()) {
-        match resp::bytes(&k) {
-            Some(b) if b == FIELD_META.as_bytes() => meta = into_bytes(v),
-            Some(b) if b == FIELD_VALUE.as_bytes() => value = into_bytes(v),
-            _ => {}
-        }
-    }
+    let (meta, value) = meta_and_value(fields);
     let meta = codec::decode_meta(&meta?).ok()?;
     let attempt = part.attempts.get(&offset).copied().unwrap_or(1);
     let token = AckToken {

@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use courier_core::{
-    now_millis, partition_for_key, AckHandle, AckToken, Acker, Delivery, Driver, Error, Record,
-    Result, Subscription, TopicPartition,
+    now_millis, partition_for_key, AckHandle, AckToken, Acker, Delivery, Driver, Record, Result,
+    Subscription, TopicPartition,
 };
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
@@ -69,8 +69,12 @@ impl Lane {
         self.acker.ack(self.token(partition, offset));
     }
 
-    fn is_stale(&self, partition: u32) -> bool {
-        self.acker.is_stale(&self.token(partition, self.last))
+    /// Whether the unsettled delivery at `offset` was overtaken by a hand-over.
+    /// Asked about a pending slot's offset, not the last one indexed: a driver may
+    /// track staleness per outstanding delivery (Redis), and the last one may be
+    /// settled already.
+    fn is_stale(&self, partition: u32, offset: u64) -> bool {
+        self.acker.is_stale(&self.token(partition, offset))
     }
 }
 
@@ -120,7 +124,12 @@ pub(crate) struct Engine {
     driver: Arc<dyn Driver>,
     log: String,
     opts: ScheduleOptions,
+    /// Pending delayed messages are 24-byte slots read back when due
+    /// (`Capabilities::index_by_position`); otherwise entries hold the record.
     by_position: bool,
+    /// Each due batch is announced by an intent record, and an interrupted one is
+    /// looked up in its targets on recovery (`Capabilities::read_by_position`).
+    intents_on: bool,
     /// `(due ms, arrival)` → entry; arrival keeps equal due times in log order.
     /// Halves, and delayed messages on backends that cannot read by position.
     index: BTreeMap<(i64, u64), Entry>,
@@ -163,18 +172,18 @@ impl Engine {
         ready: watch::Sender<bool>,
     ) -> Self {
         let driver = sched.driver.clone();
-        let by_position = !matches!(
-            driver
-                .read_records(&TopicPartition::new(&log, 0), 0, 1)
-                .await,
-            Err(Error::Unsupported { .. })
-        );
+        let caps = driver.capabilities();
+        // Split because a positional read may be fine for the rare crash lookup but
+        // too slow for every due message (a Kafka consumer per read).
+        let intents_on = caps.read_by_position;
+        let by_position = caps.read_by_position && caps.index_by_position;
         Self {
             sched,
             driver,
             log,
             opts,
             by_position,
+            intents_on,
             index: BTreeMap::new(),
             heap: BinaryHeap::new(),
             lanes: HashMap::new(),
@@ -702,9 +711,12 @@ impl Engine {
             }
         }
         // A partition handed to another member: its slots are that member's now.
-        let touched: HashSet<u32> = slots.iter().map(|s| s.partition).collect();
-        for p in touched {
-            if self.lanes.get(&p).is_some_and(|l| l.is_stale(p)) {
+        let mut touched: HashMap<u32, u64> = HashMap::new();
+        for s in slots.iter().filter(|s| self.slot_live(s)) {
+            touched.entry(s.partition).or_insert(s.offset);
+        }
+        for (p, offset) in touched {
+            if self.lanes.get(&p).is_some_and(|l| l.is_stale(p, offset)) {
                 self.lanes.remove(&p);
                 self.ungreet(p);
             }
@@ -875,7 +887,7 @@ impl Engine {
     /// target partition fixed now) and how far each target partition reached, before
     /// the publish: see [`Engine::verify_intents`].
     async fn write_intents(&self, settles: &[Settle], records: &mut [Record]) -> Result<()> {
-        if !self.by_position {
+        if !self.intents_on {
             return Ok(());
         }
         let mut ends: HashMap<String, Vec<u64>> = HashMap::new();
