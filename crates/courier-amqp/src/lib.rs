@@ -27,7 +27,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use courier_core::{
     Capabilities, Config, Driver, Error, GroupInfo, GroupOffset, MemberInfo, PartitionInfo,
-    Receipt, Record, Result, SubscribeSpec, Subscription, TopicInfo, TopicPartition, TopicSpec,
+    Receipt, Record, ResetTo, Result, SubscribeSpec, Subscription, TopicInfo, TopicPartition,
+    TopicSpec,
 };
 use futures::StreamExt;
 use lapin::options::{
@@ -323,6 +324,42 @@ impl Driver for AmqpDriver {
             .groups
             .into_keys()
             .collect())
+    }
+
+    /// Rewrites the group's offset queue of every partition of `topic`. Refused while
+    /// the group has live members: they would overwrite it with their next commit.
+    async fn reset_offsets(&self, group: &str, topic: &str, to: ResetTo) -> Result<()> {
+        let live = self.probe_members(group).await?;
+        if !live.is_empty() {
+            return Err(Error::InvalidArgument(format!(
+                "group {group:?} has {} live member(s); stop them before resetting its offsets",
+                live.len()
+            )));
+        }
+        let info = self.topic_info(topic).await?;
+        let ch = self.shared.channel().await?;
+        ch.confirm_select(Default::default()).await.map_err(err)?;
+        for p in &info.partitions {
+            let offset = match to {
+                ResetTo::Earliest => p.start_offset,
+                ResetTo::Latest => p.end_offset,
+                ResetTo::Offset(o) => o.clamp(p.start_offset, p.end_offset),
+                // Streams do answer `x-stream-offset` with a timestamp, but a consumer
+                // started there reports no offset until a message arrives.
+                ResetTo::Timestamp(_) => {
+                    return Err(Error::Unsupported {
+                        feature: "reset offsets to a timestamp",
+                        backend: BACKEND,
+                    })
+                }
+            };
+            let tp = TopicPartition::new(topic, p.partition);
+            // Publishing to a queue that does not exist would drop the offset.
+            offsets::declare(&ch, group, &tp).await?;
+            offsets::write(&ch, group, &tp, offset).await?;
+        }
+        let _ = ch.close(200, "done".into()).await;
+        Ok(())
     }
 
     async fn describe_group(&self, group: &str) -> Result<GroupInfo> {

@@ -34,6 +34,7 @@ macro_rules! conformance_tests {
             redeliver_policy_brings_message_back,
             restart_resumes_after_last_commit,
             earliest_and_latest,
+            reset_offsets_moves_the_group,
             concurrent_producers_lose_nothing,
             shutdown_finishes_in_flight_and_commits,
             member_leaving_hands_partitions_over,

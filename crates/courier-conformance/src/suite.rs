@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use courier::{
-    Client, ConsumerHandle, Delivery, Error, FailurePolicy, Headers, Message, OffsetReset,
+    Client, ConsumerHandle, Delivery, Error, FailurePolicy, Headers, Message, OffsetReset, ResetTo,
     TopicSpec,
 };
 use futures::future::BoxFuture;
@@ -475,6 +475,57 @@ pub fn restart_resumes_after_last_commit(h: &dyn Harness) -> BoxFuture<'_, ()> {
         assert!(
             got.iter().all(|g| g.text().starts_with('b')),
             "committed messages came back: {:?}",
+            got.iter().map(Got::text).collect::<Vec<_>>()
+        );
+        expect_silence(&mut rx, Duration::from_millis(500)).await;
+        c.stop().await.expect("stop");
+        shutdown(client).await;
+    })
+}
+
+/// `reset_offsets` moves a stopped group's committed position: back to earliest it reads
+/// everything again; to latest it skips what is there and reads only what comes after.
+pub fn reset_offsets_moves_the_group(h: &dyn Harness) -> BoxFuture<'_, ()> {
+    boxed(async move {
+        let group = unique("g");
+        let client = h.client().await.expect("connect");
+        let t = topic(&client, "reset-to", 2).await;
+        let first = (0..10).map(|i| Message::new(&t, format!("a{i}"))).collect();
+        client.producer().send_batch(first).await.expect("batch");
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let c = collect(&client, &group, &[&t], OffsetReset::Earliest, 0, tx).await;
+        recv_n(h, &mut rx, 10).await;
+        c.stop().await.expect("stop");
+
+        client
+            .admin()
+            .reset_offsets(&group, &t, ResetTo::Earliest)
+            .await
+            .expect("reset to earliest");
+        // `latest` for a group without commits: only the reset can bring the 10 back.
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let c = collect(&client, &group, &[&t], OffsetReset::Latest, 0, tx).await;
+        let again = recv_n(h, &mut rx, 10).await;
+        assert!(again.iter().all(|g| g.text().starts_with('a')));
+        expect_silence(&mut rx, Duration::from_millis(300)).await;
+        c.stop().await.expect("stop");
+
+        let more = (0..5).map(|i| Message::new(&t, format!("b{i}"))).collect();
+        client.producer().send_batch(more).await.expect("batch");
+        client
+            .admin()
+            .reset_offsets(&group, &t, ResetTo::Latest)
+            .await
+            .expect("reset to latest");
+        let last = (0..3).map(|i| Message::new(&t, format!("c{i}"))).collect();
+        client.producer().send_batch(last).await.expect("batch");
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let c = collect(&client, &group, &[&t], OffsetReset::Earliest, 0, tx).await;
+        let got = recv_n(h, &mut rx, 3).await;
+        assert!(
+            got.iter().all(|g| g.text().starts_with('c')),
+            "{}: messages before the reset to latest came back: {:?}",
+            h.name(),
             got.iter().map(Got::text).collect::<Vec<_>>()
         );
         expect_silence(&mut rx, Duration::from_millis(500)).await;
