@@ -343,8 +343,7 @@ async fn run_flusher(inner: Arc<Inner>) {
             continue;
         };
         let mut left = items.len();
-        let sized = |left: usize| Vec::with_capacity(left.min(MAX_BATCH_RECORDS));
-        let mut batch: Vec<Pending> = sized(left);
+        let mut batch: Vec<Pending> = batch_for(left);
         let mut bytes = 0;
         for item in items.drain(..) {
             left -= 1;
@@ -352,22 +351,19 @@ async fn run_flusher(inner: Arc<Inner>) {
                 Item::Send(p) => {
                     let size = p.0.value.len() + p.0.key.as_ref().map_or(0, |k| k.len());
                     if !batch.is_empty() && bytes + size > MAX_BATCH_BYTES {
-                        let full = std::mem::replace(&mut batch, sized(left + 1));
-                        dispatch(&inner, &permits, full).await;
+                        dispatch_full(&inner, &permits, &mut batch, left + 1).await;
                         bytes = 0;
                     }
                     bytes += size;
                     batch.push(p);
                     if batch.len() >= MAX_BATCH_RECORDS || bytes >= MAX_BATCH_BYTES {
-                        let full = std::mem::replace(&mut batch, sized(left));
-                        dispatch(&inner, &permits, full).await;
+                        dispatch_full(&inner, &permits, &mut batch, left).await;
                         bytes = 0;
                     }
                 }
                 Item::Flush(done) => {
                     if !batch.is_empty() {
-                        let full = std::mem::replace(&mut batch, sized(left));
-                        dispatch(&inner, &permits, full).await;
+                        dispatch_full(&inner, &permits, &mut batch, left).await;
                         bytes = 0;
                     }
                     // All permits back = nothing in flight.
@@ -389,6 +385,22 @@ async fn run_flusher(inner: Arc<Inner>) {
 }
 
 /// Publishes one batch, in the background when the driver allows several in flight.
+/// An empty batch sized for the `left` items still to come (at most one publish call).
+fn batch_for(left: usize) -> Vec<Pending> {
+    Vec::with_capacity(left.min(MAX_BATCH_RECORDS))
+}
+
+/// Dispatches `batch` and leaves a fresh one sized for the `left` items still to come.
+async fn dispatch_full(
+    inner: &Arc<Inner>,
+    permits: &Arc<Semaphore>,
+    batch: &mut Vec<Pending>,
+    left: usize,
+) {
+    let full = std::mem::replace(batch, batch_for(left));
+    dispatch(inner, permits, full).await;
+}
+
 async fn dispatch(inner: &Arc<Inner>, permits: &Arc<Semaphore>, batch: Vec<Pending>) {
     let Ok(permit) = permits.clone().acquire_owned().await else {
         return;
