@@ -54,10 +54,6 @@ type HandleCache = RwLock<HashMap<Box<str>, HashMap<Method, RouteHandles>>>;
 
 static HANDLES: OnceLock<HandleCache> = OnceLock::new();
 
-fn label(method: &Method) -> String {
-    method.as_str().to_string()
-}
-
 /// Records one finished request with cached handles (registered on first use).
 fn record(route: &str, method: &Method, status: u16, elapsed: f64) {
     let cache = HANDLES.get_or_init(Default::default);
@@ -78,18 +74,23 @@ fn record(route: &str, method: &Method, status: u16, elapsed: f64) {
         .entry(method.clone())
         .or_insert_with(|| RouteHandles {
             duration: metrics::histogram!("courier_http_request_duration_seconds",
-                "route" => route.to_string(), "method" => label(method)),
+                "route" => route.to_string(), "method" => method.as_str().to_string()),
             by_status: Vec::new(),
         });
-    if !h.by_status.iter().any(|(s, _)| *s == status) {
-        let counter = metrics::counter!("courier_http_requests_total",
-            "route" => route.to_string(), "method" => label(method), "status" => status.to_string());
-        h.by_status.push((status, counter));
-    }
+    let at = match h.by_status.iter().position(|(s, _)| *s == status) {
+        Some(at) => at,
+        None => {
+            h.by_status.push((
+                status,
+                metrics::counter!("courier_http_requests_total",
+                "route" => route.to_string(), "method" => method.as_str().to_string(),
+                "status" => status.to_string()),
+            ));
+            h.by_status.len() - 1
+        }
+    };
     h.duration.record(elapsed);
-    if let Some((_, c)) = h.by_status.iter().find(|(s, _)| *s == status) {
-        c.increment(1);
-    }
+    h.by_status[at].1.increment(1);
 }
 
 /// Middleware: request count and latency per route and status.
