@@ -14,12 +14,12 @@
 
 use std::collections::{HashMap, HashSet};
 use std::io::{BufRead, BufReader};
-use std::net::TcpListener;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use courier::{Client, Config, Delivery, Error, Message, OffsetReset, TopicSpec};
+use courier_conformance::restart::free_port;
 use courier_conformance::unique;
 use tokio::sync::mpsc;
 
@@ -36,10 +36,7 @@ struct PrivateRedis {
 
 impl PrivateRedis {
     fn start() -> Self {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("free port")
-            .port();
+        let port = free_port();
         let mut r = PrivateRedis {
             port,
             dir: tempfile::tempdir().expect("temp dir"),

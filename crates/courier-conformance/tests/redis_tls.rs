@@ -4,12 +4,12 @@
 //! the CA through `redis.tls_ca_file`. Skipped (with a message) when `openssl` is
 //! missing or the installed redis-server is built without TLS.
 
-use std::net::TcpListener;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use courier::{Client, Config, Delivery, Error, Message, OffsetReset, TopicSpec};
+use courier_conformance::restart::free_port;
 use courier_conformance::unique;
 use tokio::sync::mpsc;
 
@@ -77,10 +77,7 @@ impl Drop for TlsRedis {
 }
 
 fn start_tls_redis(dir: &Path) -> Option<TlsRedis> {
-    let port = TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port();
+    let port = free_port();
     let mut child = Command::new("redis-server")
         .args(["--bind", "127.0.0.1", "--port", "0", "--save", ""])
         .args(["--tls-port", &port.to_string(), "--tls-auth-clients", "no"])
