@@ -44,6 +44,14 @@ async fn timeout_layer_fails_the_attempt_and_retry_recovers() {
         .expect("open");
     assert_eq!(attempt, 2, "the second attempt succeeded");
     assert_eq!(calls.load(Ordering::SeqCst), 2);
+    // The handler reports before it returns; the metrics layer counts the success
+    // just after. Wait for it (bounded) instead of racing it.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while client.stats().topic("layers.events").consumed == 0
+        && tokio::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let s = client.stats().topic("layers.events");
     assert_eq!(
         (s.consume_errors, s.retries, s.consumed),
