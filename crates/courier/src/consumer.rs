@@ -497,6 +497,10 @@ where
     async fn run(mut self) -> Result<()> {
         let mut workers: HashMap<(Arc<str>, u32), mpsc::Sender<Work>> = HashMap::new();
         let mut tasks = JoinSet::new();
+        // Runs not handed to a worker because the consumer stopped. They are released
+        // only after the workers end: settling them while an earlier message of their
+        // partition is still in its handler could void that message's commit.
+        let mut unsent: Vec<Work> = Vec::new();
         let mut failures = 0u32;
         loop {
             let batch = tokio::select! {
@@ -546,21 +550,24 @@ where
             for d in batch {
                 if let Some(first) = run.first() {
                     if first.partition != d.partition || first.topic != d.topic {
-                        self.dispatcher()
-                            .route(&mut workers, &mut tasks, std::mem::take(&mut run))
-                            .await;
+                        unsent.extend(
+                            self.dispatcher()
+                                .route(&mut workers, &mut tasks, std::mem::take(&mut run))
+                                .await,
+                        );
                     }
                 }
                 run.push(d);
             }
             if !run.is_empty() {
-                self.dispatcher().route(&mut workers, &mut tasks, run).await;
+                unsent.extend(self.dispatcher().route(&mut workers, &mut tasks, run).await);
             }
         }
         // Queued-but-unstarted deliveries are dropped (their handles nack, so they are
         // not committed); each worker finishes the handler it is running.
         drop(workers);
         while tasks.join_next().await.is_some() {}
+        drop(unsent);
         let result = self.subscription.close().await;
         self.assigned.send_replace(Vec::new());
         self.status.running.store(false, Ordering::Release);
@@ -635,12 +642,14 @@ where
     S: Service<Delivery, Response = (), Error = BoxError> + Clone + Send + 'static,
     S::Future: Send,
 {
+    /// Hands `run` to its partition's worker; gives it back when the consumer stops
+    /// first.
     async fn route(
         &self,
         workers: &mut HashMap<(Arc<str>, u32), mpsc::Sender<Work>>,
         tasks: &mut JoinSet<()>,
         run: Work,
-    ) {
+    ) -> Option<Work> {
         let key = (run[0].topic.clone(), run[0].partition);
         let tx = workers.entry(key).or_insert_with(|| {
             let (tx, rx) = mpsc::channel(WORKER_QUEUE);
@@ -652,10 +661,20 @@ where
             ));
             tx
         });
-        tokio::select! {
+        if self.stop.is_cancelled() {
+            return Some(run);
+        }
+        let permit = tokio::select! {
             biased;
-            _ = self.stop.cancelled() => {}
-            _ = tx.send(run) => {}
+            _ = self.stop.cancelled() => return Some(run),
+            p = tx.reserve() => p,
+        };
+        match permit {
+            Ok(p) => {
+                p.send(run);
+                None
+            }
+            Err(_) => Some(run),
         }
     }
 }
