@@ -188,7 +188,7 @@ impl Acker for Book {
         if let Some(p) = parts.get_mut(&(token.topic.clone(), token.partition)) {
             if p.outstanding.get(&token.offset).map(|o| o.epoch) == Some(token.epoch) {
                 if let Some(o) = p.outstanding.remove(&token.offset) {
-                    self.send(Settle::Reply(o.reply, Bytes::from_static(b"+ACK")));
+                    self.send(Settle::Reply(o.reply, Bytes::from_static(ACK)));
                 }
             }
         }
@@ -232,10 +232,19 @@ impl Acker for Book {
 }
 
 /// Writes acks and naks in order on the connection.
+///
+/// A flush also waits until JetStream has applied the acks: the server queues acks
+/// per consumer and applies them in order, so once a synchronous re-ack of the last
+/// acked message of each consumer is answered, everything acked before it is
+/// visible (to the next owner and to admin reads).
 pub(crate) async fn settler(client: async_nats::Client, mut rx: mpsc::UnboundedReceiver<Settle>) {
+    let mut last_acked: HashMap<String, Subject> = HashMap::new();
     while let Some(s) = rx.recv().await {
         match s {
             Settle::Reply(subject, payload) => {
+                if payload.as_ref() == ACK {
+                    last_acked.insert(consumer_of(&subject).to_string(), subject.clone());
+                }
                 if let Err(e) = client.publish(subject, payload).await {
                     tracing::warn!(error = %e, "ack not sent; the message will be redelivered");
                 }
@@ -244,15 +253,45 @@ pub(crate) async fn settler(client: async_nats::Client, mut rx: mpsc::UnboundedR
                 if let Err(e) = client.flush().await {
                     tracing::warn!(error = %e, "flush of acks failed");
                 }
+                let confirms = last_acked.drain().map(|(_, subject)| {
+                    let client = client.clone();
+                    async move {
+                        let sync = client.request(subject, Bytes::from_static(ACK));
+                        if tokio::time::timeout(ACK_SYNC_TIMEOUT, sync).await.is_err() {
+                            tracing::debug!("JetStream did not confirm the acks in time");
+                        }
+                    }
+                });
+                futures::future::join_all(confirms).await;
                 let _ = done.send(());
             }
         }
     }
 }
 
+const ACK: &[u8] = b"+ACK";
+const ACK_SYNC_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The `$JS.ACK.<stream>.<consumer>` part of an ack reply subject.
+fn consumer_of(reply: &str) -> &str {
+    match reply.match_indices('.').nth(3) {
+        Some((i, _)) => &reply[..i],
+        None => reply,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn consumer_of_keeps_stream_and_consumer() {
+        assert_eq!(
+            consumer_of("$JS.ACK.orders.g-0.1.42.42.1700000000.0"),
+            "$JS.ACK.orders.g-0"
+        );
+        assert_eq!(consumer_of("short"), "short");
+    }
 
     fn tok(seq: u64, epoch: u64) -> AckToken {
         AckToken {
