@@ -37,6 +37,13 @@ const CHUNK: usize = 512;
 /// How long one pull request stays open; bounds how long a released partition takes
 /// to drain.
 const PULL_EXPIRES: Duration = Duration::from_millis(500);
+/// How long after its expiry a pull request is given up on. nats-server 2.9 sometimes
+/// neither fills an expired request nor answers it with its 408, and the client's own
+/// timer gives up only 5 s later: a stalled partition for 5 s a pull under load. A
+/// request is dropped only once it is past expiry and nothing arrived for this long
+/// (the server delivers nothing to an expired request; a message still on the wire
+/// would arrive well within it).
+const PULL_GIVE_UP: Duration = Duration::from_millis(500);
 /// Events buffered between readers and the consumer runtime.
 const EVENTS: usize = 64;
 
@@ -522,6 +529,7 @@ impl Reader {
                 }
             };
             let mut chunk = Vec::new();
+            let give_up = tokio::time::Instant::now() + PULL_EXPIRES + PULL_GIVE_UP;
             loop {
                 let item = match batch.next().now_or_never() {
                     Some(item) => item,
@@ -531,7 +539,14 @@ impl Reader {
                         {
                             // Stopping: what is left of this pull is naked below.
                         }
-                        batch.next().await
+                        let quiet = tokio::time::Instant::now() + PULL_GIVE_UP;
+                        match tokio::time::timeout_at(give_up.max(quiet), batch.next()).await {
+                            Ok(item) => item,
+                            Err(_) => {
+                                tracing::debug!(topic = %self.tp.0, partition = self.tp.1, "pull request unanswered after expiry; pulling again");
+                                break;
+                            }
+                        }
                     }
                 };
                 let m = match item {
