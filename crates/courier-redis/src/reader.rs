@@ -47,13 +47,15 @@ impl Reader {
         let acker: Arc<dyn Acker> = self.shared.clone();
         let mut failures = 0u32;
         let mut starved_since: Option<Instant> = None;
+        let resume_at = self.prefetch - self.prefetch / 2;
+        self.shared.resume_at.store(resume_at, Ordering::Relaxed);
         while !self.shared.is_closed() {
             // With more than half the prefetch still out, wait (up to BLOCK) for more
-            // to settle before reading: every settle wakes the reader, and reading at
-            // once made one small read (and a few-id XACK) per settle instead of reads
-            // of up to COUNT per partition.
+            // to settle before reading: reading after every settle made one small read
+            // (and a few-id XACK) per settle instead of reads of up to COUNT per
+            // partition. Settles wake the reader only when they reach `resume_at`.
             let outstanding = self.shared.outstanding.load(Ordering::Acquire);
-            if outstanding > 0 && self.prefetch.saturating_sub(outstanding) < self.prefetch / 2 {
+            if outstanding > resume_at {
                 let since = *starved_since.get_or_insert_with(Instant::now);
                 let left = BLOCK.saturating_sub(since.elapsed());
                 if !left.is_zero() {

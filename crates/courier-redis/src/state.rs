@@ -82,6 +82,9 @@ pub(crate) struct Shared {
     pub leaving: AtomicBool,
     /// Deliveries handed out and not settled, over all partitions.
     pub outstanding: AtomicUsize,
+    /// The reader reads again once `outstanding` is at most this; settles above it do
+    /// not wake the reader (a wake per ack cost a task switch per message).
+    pub resume_at: AtomicUsize,
     /// Wakes the reader (settles, assignment changes, close).
     pub wake_reader: Notify,
     /// Wakes the coordinator (close, settles of revoking partitions).
@@ -97,6 +100,7 @@ impl Shared {
             closed: AtomicBool::new(false),
             leaving: AtomicBool::new(false),
             outstanding: AtomicUsize::new(0),
+            resume_at: AtomicUsize::new(usize::MAX),
             wake_reader: Notify::new(),
             wake_coordinator: Notify::new(),
             events,
@@ -135,11 +139,14 @@ impl Shared {
     pub(crate) fn drop_outstanding(&self, part: &Part) {
         self.outstanding
             .fetch_sub(part.outstanding.len(), Ordering::AcqRel);
+        self.wake_reader.notify_one();
     }
 
     fn settled(&self, revoking: bool) {
-        self.outstanding.fetch_sub(1, Ordering::AcqRel);
-        self.wake_reader.notify_one();
+        let left = self.outstanding.fetch_sub(1, Ordering::AcqRel) - 1;
+        if revoking || left == 0 || left == self.resume_at.load(Ordering::Relaxed) {
+            self.wake_reader.notify_one();
+        }
         if revoking {
             self.wake_coordinator.notify_one();
         }
