@@ -661,9 +661,6 @@ where
             ));
             tx
         });
-        if self.stop.is_cancelled() {
-            return Some(run);
-        }
         let permit = tokio::select! {
             biased;
             _ = self.stop.cancelled() => return Some(run),
