@@ -145,7 +145,7 @@ fn render(d: &Delivery, format: Format) -> Vec<u8> {
                 "topic": &*d.topic,
                 "partition": d.partition,
                 "offset": d.offset,
-                "id": d.id,
+                "id": &*d.id,
                 "key": d.key.as_ref().map(bytes_json),
                 "headers": headers_json(&d.headers),
                 "timestamp": d.timestamp,

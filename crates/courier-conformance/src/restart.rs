@@ -34,7 +34,7 @@ fn record(topic: &str, i: usize) -> Record {
 
 fn take(ds: Vec<Delivery>, received: &mut HashMap<String, usize>) {
     for d in ds {
-        *received.entry(d.id.clone()).or_default() += 1;
+        *received.entry(d.id.to_string()).or_default() += 1;
         d.ack();
     }
 }

@@ -111,7 +111,7 @@ impl Got {
             key: d.key.clone(),
             value: d.value.clone(),
             headers: d.headers.clone(),
-            id: d.id.clone(),
+            id: d.id.to_string(),
             timestamp: d.timestamp,
             attempt: d.attempt,
             member,

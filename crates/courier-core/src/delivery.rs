@@ -136,8 +136,9 @@ pub struct Delivery {
     pub value: Bytes,
     /// Headers as sent.
     pub headers: Headers,
-    /// The message id given on send.
-    pub id: String,
+    /// The message id given on send (shared: copies the pipeline keeps for a retry or
+    /// a dead letter cost a reference count, not an allocation).
+    pub id: Arc<str>,
     /// Timestamp given on send, ms since the epoch.
     pub timestamp: i64,
     /// 1 on first delivery, then counts redeliveries (where the backend knows).
@@ -155,7 +156,7 @@ impl Delivery {
         key: Option<Bytes>,
         value: Bytes,
         headers: Headers,
-        id: String,
+        id: impl Into<Arc<str>>,
         timestamp: i64,
         attempt: u32,
         ack: Option<AckHandle>,
@@ -167,7 +168,7 @@ impl Delivery {
             key,
             value,
             headers,
-            id,
+            id: id.into(),
             timestamp,
             attempt,
             ack,

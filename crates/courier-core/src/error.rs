@@ -164,6 +164,27 @@ impl Error {
         }
     }
 
+    /// The Courier error at the root of a send failure: a [`Error::SendFailed`] or
+    /// [`Error::BatchSendFailed`] is unwrapped to the error the backend reported (also
+    /// when a batch's one error is shared by all its messages); any other error is
+    /// its own cause. Lets callers match on the typed reason, e.g. a backend's
+    /// [`Error::MessageTooLarge`], without reading error text.
+    pub fn root_cause(&self) -> &Error {
+        match self {
+            Error::SendFailed { source, .. } => {
+                if let Some(inner) = source.downcast_ref::<Error>() {
+                    inner.root_cause()
+                } else if let Some(shared) = source.downcast_ref::<std::sync::Arc<Error>>() {
+                    shared.root_cause()
+                } else {
+                    self
+                }
+            }
+            Error::BatchSendFailed { source, .. } => source.root_cause(),
+            _ => self,
+        }
+    }
+
     /// True for errors caused by the caller's input, which retrying cannot fix.
     pub fn is_invalid_input(&self) -> bool {
         matches!(
@@ -184,5 +205,40 @@ impl Error {
 impl From<serde_json::Error> for Error {
     fn from(e: serde_json::Error) -> Self {
         Error::Serialization(e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    #[test]
+    fn cause_sees_through_send_failures_shared_or_not() {
+        let too_large = || Error::MessageTooLarge { size: 10, max: 5 };
+        let direct = Error::SendFailed {
+            topic: "t".into(),
+            source: Box::new(too_large()),
+        };
+        let shared = Error::SendFailed {
+            topic: "t".into(),
+            source: Box::new(Arc::new(Error::BatchSendFailed {
+                failed: 2,
+                total: 2,
+                source: Box::new(too_large()),
+            })),
+        };
+        for e in [direct, shared] {
+            assert!(
+                matches!(e.root_cause(), Error::MessageTooLarge { size: 10, max: 5 }),
+                "{e}"
+            );
+        }
+        let opaque = Error::SendFailed {
+            topic: "t".into(),
+            source: "disk on fire".into(),
+        };
+        assert!(matches!(opaque.root_cause(), Error::SendFailed { .. }));
+        assert!(matches!(Error::EmptyTopic.root_cause(), Error::EmptyTopic));
     }
 }

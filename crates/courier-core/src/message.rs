@@ -52,6 +52,7 @@ impl Headers {
         }
     }
 
+    #[inline]
     fn pairs(&self) -> &[(String, Bytes)] {
         self.0.as_deref().map_or(&[], Vec::as_slice)
     }
@@ -82,11 +83,16 @@ impl Headers {
     }
 
     /// The value of `name` compared case-insensitively (HTTP-style names such as
-    /// `X-Trace-ID` arrive in any case from other clients).
+    /// `X-Trace-ID` arrive in any case from other clients); an exact match wins over
+    /// one that differs only in case.
     pub fn get_ignore_case(&self, name: &str) -> Option<&Bytes> {
-        self.pairs()
+        let pairs = self.pairs();
+        // Names are nearly always written as spelled by the reader: an exact compare
+        // (a length check, then memcmp) first; the case-folding scan only on a miss.
+        pairs
             .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .find(|(n, _)| n == name)
+            .or_else(|| pairs.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)))
             .map(|(_, v)| v)
     }
 
@@ -117,6 +123,7 @@ impl Headers {
     }
 
     /// True when there are no headers.
+    #[inline]
     pub fn is_empty(&self) -> bool {
         self.pairs().is_empty()
     }

@@ -106,11 +106,11 @@ impl PartitionLog for FilePartition {
                 let mut headers = s.record.headers;
                 let id = match headers.last() {
                     Some((n, v)) if n == HEADER_MESSAGE_ID => {
-                        let id = String::from_utf8_lossy(v).into_owned();
+                        let id = Arc::<str>::from(String::from_utf8_lossy(v));
                         headers.pop();
                         id
                     }
-                    _ => format!("{}-{}-{}", self.inner.topic(), self.inner.id(), s.offset),
+                    _ => format!("{}-{}-{}", self.inner.topic(), self.inner.id(), s.offset).into(),
                 };
                 StoredRecord {
                     offset: s.offset,

@@ -242,7 +242,7 @@ impl<S: LogStore> Driver for LogDriver<S> {
                     Record {
                         topic: tp.topic.clone(),
                         partition: Some(tp.partition),
-                        id: r.id,
+                        id: r.id.to_string(),
                         key: r.key,
                         value: r.value,
                         headers: r.headers,

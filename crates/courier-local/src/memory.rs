@@ -34,7 +34,7 @@ impl PartitionLog for MemoryPartition {
         let base = log.len() as u64;
         log.extend(records.into_iter().enumerate().map(|(i, r)| StoredRecord {
             offset: base + i as u64,
-            id: r.id,
+            id: r.id.into(),
             key: r.key,
             value: r.value,
             headers: r.headers,

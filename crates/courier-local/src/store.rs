@@ -13,8 +13,8 @@ use tokio::sync::watch;
 pub struct StoredRecord {
     /// Dense offset within the partition.
     pub offset: u64,
-    /// Message id.
-    pub id: String,
+    /// Message id (shared, so every read of the record hands it out without a copy).
+    pub id: Arc<str>,
     /// Key.
     pub key: Option<Bytes>,
     /// Value.

@@ -87,7 +87,7 @@ impl ApiError {
 
 /// The HTTP status for a Courier error (a failed batch takes its cause's status).
 fn status_of(e: &Error) -> StatusCode {
-    match e {
+    match e.root_cause() {
         Error::EmptyTopic
         | Error::NoTopics
         | Error::EmptyGroupId
@@ -101,16 +101,6 @@ fn status_of(e: &Error) -> StatusCode {
         }
         Error::TopicExists(_) => StatusCode::CONFLICT,
         Error::QueueFull(_) => StatusCode::TOO_MANY_REQUESTS,
-        Error::BatchSendFailed { source, .. } => status_of(source),
-        Error::SendFailed { source, .. } => match source.downcast_ref::<Error>() {
-            Some(inner) => status_of(inner),
-            // The producer reports a failed write to every message of the batch as
-            // text; a size refusal by the backend is still the client's 413.
-            None if source.to_string().contains("exceeds the maximum") => {
-                StatusCode::PAYLOAD_TOO_LARGE
-            }
-            None => StatusCode::INTERNAL_SERVER_ERROR,
-        },
         Error::Unsupported { .. } => StatusCode::NOT_IMPLEMENTED,
         Error::ClientClosed | Error::ProducerClosed | Error::ConsumerClosed => {
             StatusCode::SERVICE_UNAVAILABLE

@@ -1024,7 +1024,7 @@ async fn dead_letters_list_and_retry() {
         .await
         .expect("re-driven message consumed")
         .unwrap();
-    assert_eq!(got_id, sent["messageId"].as_str().unwrap());
+    assert_eq!(&*got_id, sent["messageId"].as_str().unwrap());
     assert_eq!(&got_value[..], br#"{"job":1}"#);
     let (_, v) = api
         .admin("GET", "/api/v1/mq/dead-letters?topicName=svc.jobs", None)

@@ -80,7 +80,7 @@ impl DeadLetter {
             }
         }
         Some(Self {
-            id: d.id.clone(),
+            id: d.id.to_string(),
             dlq_topic: d.topic.to_string(),
             dlq_partition: d.partition,
             dlq_offset: d.offset,

@@ -57,6 +57,6 @@ pub use pipeline::{Backoff, DedupStore, MemoryDedupStore, Permanent};
 pub use producer::{Producer, SendHandle};
 pub use schedule::{ScheduleOptions, HEADER_DELAY_UNTIL, SCHEDULE_PREFIX};
 pub use stats::{install_prometheus_recorder, StatsSnapshot, TopicStats};
-pub use trace::TraceContext;
+pub use trace::{TraceContext, TraceScope};
 pub use txn::{Half, HalfMessage, Transactions, TxnChecker, TxnDecision};
 pub use validate::validate_topic;

@@ -445,16 +445,19 @@ async fn dispatch(inner: &Arc<Inner>, permits: &Arc<Semaphore>, batch: Vec<Pendi
                 }
             }
             Ok(receipts) => {
-                let msg = format!(
-                    "driver returned {} receipts for {} records",
-                    receipts.len(),
-                    txs.len()
+                let e = Error::backend(
+                    driver.name(),
+                    format!(
+                        "driver returned {} receipts for {} records",
+                        receipts.len(),
+                        txs.len()
+                    ),
                 );
-                topics.fail(&stats, txs, &msg);
+                topics.fail(&stats, txs, e);
             }
             Err(e) => {
                 tracing::warn!(error = %e, "publish failed");
-                topics.fail(&stats, txs, &e.to_string());
+                topics.fail(&stats, txs, e);
             }
         }
         drop(permit);
@@ -487,7 +490,10 @@ impl TopicRuns {
         Self(runs)
     }
 
-    fn fail(&self, stats: &Registry, txs: Vec<oneshot::Sender<Result<Receipt>>>, msg: &str) {
+    /// Fails every message of the batch with the batch's one error, shared (not turned
+    /// into text) so each caller can still match on its type via [`Error::root_cause`].
+    fn fail(&self, stats: &Registry, txs: Vec<oneshot::Sender<Result<Receipt>>>, e: Error) {
+        let shared = Arc::new(e);
         let total = txs.len();
         for (n, (start, topic)) in self.0.iter().enumerate() {
             let end = self.0.get(n + 1).map_or(total, |(s, _)| *s);
@@ -501,7 +507,7 @@ impl TopicRuns {
             let topic = self.0.get(run).map(|(_, t)| t.clone()).unwrap_or_default();
             let _ = tx.send(Err(Error::SendFailed {
                 topic,
-                source: msg.to_string().into(),
+                source: Box::new(shared.clone()),
             }));
         }
     }

@@ -7,8 +7,11 @@
 //! `traceparent` is what OpenTelemetry SDKs read and write, so a message produced by an
 //! OTel-instrumented service continues the same trace id here, and the other way round.
 
+use std::cell::Cell;
 use std::fmt;
 use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 
 use courier_core::Headers;
 
@@ -25,8 +28,11 @@ pub const HEADER_PARENT_SPAN_ID: &str = "x-parent-span-id";
 /// Seed 002's sampling flag header (`1` or `0`).
 pub const HEADER_SAMPLED: &str = "x-sampled";
 
-tokio::task_local! {
-    static CURRENT: Option<TraceContext>;
+thread_local! {
+    // Set only while a `TraceScope` polls its future, so it follows the task across
+    // worker threads the way a tokio task-local does, at the cost of two cell swaps
+    // per poll instead of a `RefCell` dance (this runs for every traced message).
+    static CURRENT: Cell<Option<TraceContext>> = const { Cell::new(None) };
 }
 
 /// One span's position in a distributed trace.
@@ -84,16 +90,13 @@ impl TraceContext {
     /// The context the current task runs in (inside a handler: the consumed
     /// message's, as a child span), if any.
     pub fn current() -> Option<Self> {
-        CURRENT.try_with(|c| *c).ok().flatten()
+        CURRENT.try_with(Cell::get).ok().flatten()
     }
 
     /// Runs `fut` with `self` as the current context, so sends inside it continue
     /// this trace.
-    pub fn scope<F: Future>(
-        self,
-        fut: F,
-    ) -> tokio::task::futures::TaskLocalFuture<Option<Self>, F> {
-        CURRENT.scope(Some(self), fut)
+    pub fn scope<F: Future>(self, fut: F) -> TraceScope<F> {
+        scoped(Some(self), fut)
     }
 
     /// The trace id as 32 lowercase hex digits.
@@ -119,23 +122,28 @@ impl TraceContext {
     /// Parses a W3C `traceparent`; `None` when malformed or all-zero ids (the spec
     /// says such a header must be ignored).
     pub fn parse_traceparent(v: &str) -> Option<Self> {
-        let v = v.trim();
-        let mut parts = v.split('-');
-        let version = parts.next()?;
-        let trace = parts.next()?;
-        let span = parts.next()?;
-        let flags = parts.next()?;
-        if version.len() != 2 || version == "ff" || trace.len() != 32 || span.len() != 16 {
+        Self::parse_traceparent_bytes(v.as_bytes())
+    }
+
+    /// [`parse_traceparent`](Self::parse_traceparent) of raw header bytes.
+    fn parse_traceparent_bytes(v: &[u8]) -> Option<Self> {
+        // `vv-<32 hex>-<16 hex>-ff`: fixed positions, read in one pass (this runs for
+        // every consumed traced message).
+        let b = v.trim_ascii();
+        if b.len() < TRACEPARENT_LEN || b[2] != b'-' || b[35] != b'-' || b[52] != b'-' {
             return None;
         }
-        // Version 00 has exactly four fields; later versions may append more.
-        if version == "00" && parts.next().is_some() {
+        let version = hex_u64(&b[..2])?;
+        // Version 00 has exactly four fields; later versions may append `-…`.
+        if version == 0xff
+            || (version == 0 && b.len() != TRACEPARENT_LEN)
+            || (b.len() > TRACEPARENT_LEN && b[TRACEPARENT_LEN] != b'-')
+        {
             return None;
         }
-        let _ = u8::from_str_radix(version, 16).ok()?;
-        let trace_id = parse_hex_u128(trace)?;
-        let span_id = u64::from_str_radix(span, 16).ok()?;
-        let flags = u8::from_str_radix(flags.get(..2)?, 16).ok()?;
+        let trace_id = (u128::from(hex_u64(&b[3..19])?) << 64) | u128::from(hex_u64(&b[19..35])?);
+        let span_id = hex_u64(&b[36..52])?;
+        let flags = hex_u64(&b[53..55])?;
         if trace_id == 0 || span_id == 0 {
             return None;
         }
@@ -155,20 +163,17 @@ impl TraceContext {
         }
         if let Some(tp) = headers
             .get_ignore_case(HEADER_TRACEPARENT)
-            .and_then(|v| std::str::from_utf8(v).ok())
-            .and_then(Self::parse_traceparent)
+            .and_then(|v| Self::parse_traceparent_bytes(v))
         {
             return Some(tp);
         }
         let trace = headers
             .get_ignore_case(HEADER_TRACE_ID)
-            .and_then(|v| std::str::from_utf8(v).ok())
-            .and_then(|s| parse_hex_u128(s.trim()))
+            .and_then(|v| parse_hex_u128(v.trim_ascii()))
             .filter(|t| *t != 0)?;
         let span = headers
             .get_ignore_case(HEADER_SPAN_ID)
-            .and_then(|v| std::str::from_utf8(v).ok())
-            .and_then(|s| u64::from_str_radix(s.trim(), 16).ok())
+            .and_then(|v| hex_u64(v.trim_ascii()))
             .filter(|s| *s != 0)
             .unwrap_or_else(nonzero_u64);
         let sampled = headers
@@ -202,19 +207,87 @@ impl fmt::Display for TraceContext {
     }
 }
 
-fn parse_hex_u128(s: &str) -> Option<u128> {
-    if s.is_empty() || s.len() > 32 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+/// Length of a version-00 `traceparent`.
+const TRACEPARENT_LEN: usize = 55;
+
+/// Hex digit values, `INVALID` for every other byte.
+const HEX: [u8; 256] = {
+    let mut t = [INVALID; 256];
+    let mut i = 0;
+    while i < 10 {
+        t[b'0' as usize + i] = i as u8;
+        i += 1;
+    }
+    let mut i = 0;
+    while i < 6 {
+        t[b'a' as usize + i] = 10 + i as u8;
+        t[b'A' as usize + i] = 10 + i as u8;
+        i += 1;
+    }
+    t
+};
+const INVALID: u8 = 0xff;
+
+/// The value of 1–16 hex digits; `None` for any other byte or length.
+fn hex_u64(digits: &[u8]) -> Option<u64> {
+    if digits.is_empty() || digits.len() > 16 {
         return None;
     }
-    u128::from_str_radix(s, 16).ok()
+    // No branch per digit: invalid digits (`INVALID` has the high bit) are collected
+    // in `bad` and checked once.
+    let (mut v, mut bad) = (0u64, 0u8);
+    for &d in digits {
+        let x = HEX[d as usize];
+        bad |= x;
+        v = (v << 4) | u64::from(x & 0x0f);
+    }
+    (bad & 0x80 == 0).then_some(v)
+}
+
+/// The value of 1–32 hex digits; `None` for any other byte or length.
+fn parse_hex_u128(digits: &[u8]) -> Option<u128> {
+    match digits.len() {
+        0..=16 => hex_u64(digits).map(u128::from),
+        17..=32 => {
+            let (high, low) = digits.split_at(digits.len() - 16);
+            Some((u128::from(hex_u64(high)?) << 64) | u128::from(hex_u64(low)?))
+        }
+        _ => None,
+    }
 }
 
 /// Runs `fut` with `ctx` (or none) as the current context.
-pub(crate) fn scoped<F: Future>(
-    ctx: Option<TraceContext>,
-    fut: F,
-) -> tokio::task::futures::TaskLocalFuture<Option<TraceContext>, F> {
-    CURRENT.scope(ctx, fut)
+pub(crate) fn scoped<F: Future>(ctx: Option<TraceContext>, fut: F) -> TraceScope<F> {
+    TraceScope { ctx, fut }
+}
+
+pin_project_lite::pin_project! {
+    /// A future that runs with a [`TraceContext`] as the current one (from
+    /// [`TraceContext::scope`]): [`TraceContext::current`] inside it returns that
+    /// context; outside, the one around it again.
+    pub struct TraceScope<F> {
+        ctx: Option<TraceContext>,
+        #[pin]
+        fut: F,
+    }
+}
+
+impl<F: Future> Future for TraceScope<F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        /// Puts the outer context back, also when the inner poll panics.
+        struct Restore(Option<TraceContext>);
+        impl Drop for Restore {
+            fn drop(&mut self) {
+                let _ = CURRENT.try_with(|c| c.set(self.0));
+            }
+        }
+        let this = self.project();
+        let outer = CURRENT.try_with(|c| c.replace(*this.ctx)).ok().flatten();
+        let _restore = Restore(outer);
+        this.fut.poll(cx)
+    }
 }
 
 /// The producer side: gives a message without trace headers the context to carry —
@@ -257,9 +330,47 @@ mod tests {
             "00-4bf92f3577b34da6a3ce929d0e0e473-00f067aa0ba902b7-01",
             "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-x",
             "00-xbf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-0x",
+            "00_4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01x",
+            "0g-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-1",
         ] {
             assert!(TraceContext::parse_traceparent(bad).is_none(), "{bad}");
         }
+        // Later versions may append fields; upper-case hex and padding are tolerated.
+        let later = "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00-extra";
+        let c = TraceContext::parse_traceparent(later).expect("future version");
+        assert!(!c.sampled);
+        let upper = " 00-4BF92F3577B34DA6A3CE929D0E0E4736-00F067AA0BA902B7-01 ";
+        assert_eq!(
+            TraceContext::parse_traceparent(upper).map(|c| c.trace_id_hex()),
+            Some("4bf92f3577b34da6a3ce929d0e0e4736".to_string())
+        );
+    }
+
+    #[tokio::test]
+    async fn scopes_nest_and_do_not_leak_into_other_futures() {
+        let a = TraceContext::new_root();
+        let b = a.child();
+        assert_eq!(TraceContext::current(), None);
+        let inside = a.scope(async move {
+            assert_eq!(TraceContext::current(), Some(a));
+            b.scope(async move {
+                tokio::task::yield_now().await;
+                assert_eq!(TraceContext::current(), Some(b));
+            })
+            .await;
+            assert_eq!(TraceContext::current(), Some(a));
+        });
+        let outside = async {
+            for _ in 0..3 {
+                assert_eq!(TraceContext::current(), None);
+                tokio::task::yield_now().await;
+            }
+        };
+        tokio::join!(inside, outside);
+        assert_eq!(TraceContext::current(), None);
     }
 
     #[test]

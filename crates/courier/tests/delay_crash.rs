@@ -215,7 +215,7 @@ async fn crash_and_recover(
                     .get_str(HEADER_DELAY_UNTIL)
                     .and_then(|v| v.parse().ok())
                     .unwrap_or(i64::MAX);
-                let _ = tx.send((d.id.clone(), due, now_millis()));
+                let _ = tx.send((d.id.to_string(), due, now_millis()));
                 Ok::<(), Error>(())
             }
         })

@@ -164,7 +164,7 @@ fn crash_in_window(url: &str) -> (usize, usize, usize, bool) {
             .start([topic.clone()], move |d: Delivery| {
                 let tx = tx.clone();
                 async move {
-                    let _ = tx.send(d.id.clone());
+                    let _ = tx.send(d.id.to_string());
                     Ok::<(), Error>(())
                 }
             })

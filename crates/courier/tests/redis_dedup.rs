@@ -61,7 +61,7 @@ async fn two_processes_of_a_group_handle_an_id_once() {
             .start(["dedup.events"], move |d: Delivery| {
                 let tx = tx.clone();
                 async move {
-                    let _ = tx.send((n, d.id.clone()));
+                    let _ = tx.send((n, d.id.to_string()));
                     Ok::<(), Error>(())
                 }
             })

@@ -106,7 +106,7 @@ fn record(f: Fetched) -> FetchedRecord {
             .iter()
             .map(|(k, v)| (k.to_string(), String::from_utf8_lossy(v).into_owned()))
             .collect(),
-        message_id: d.id.clone(),
+        message_id: d.id.to_string(),
         timestamp: rfc3339(d.timestamp),
         attempt: d.attempt,
     }

@@ -206,7 +206,7 @@ impl DeadLetterLayer {
         headers.insert(ORIGINAL_TOPIC, d.topic.to_string());
         headers.insert(ORIGINAL_PARTITION, d.partition.to_string());
         headers.insert(ORIGINAL_OFFSET, d.offset.to_string());
-        headers.insert(ORIGINAL_ID, d.id.clone());
+        headers.insert(ORIGINAL_ID, d.id.to_string());
         headers.insert(ERROR_MESSAGE, error.clone());
         headers.insert(CONSUMER_GROUP, group.to_string());
         headers.insert(RETRY_COUNT, x.retries.to_string());

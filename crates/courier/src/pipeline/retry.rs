@@ -184,42 +184,47 @@ impl RetryLayer {
     }
 }
 
-impl<S> Layer<S> for RetryLayer {
+impl<S: Clone> Layer<S> for RetryLayer {
     type Service = RetryService<S>;
     fn layer(&self, inner: S) -> Self::Service {
-        RetryService {
-            shared: Arc::new(Shared {
-                inner: Mutex::new(inner),
-                layer: self.clone(),
-            }),
-        }
+        RetryService::new(inner, self.clone())
     }
 }
 
-/// What a retry needs after the first attempt failed: the inner service to call
-/// again and the policy. One per partition worker (see [`RetryService`]'s `Clone`).
+/// What a retry needs after the first attempt failed: a service to call again and
+/// the policy. One per partition worker (see [`RetryService`]'s `Clone`).
 struct Shared<S> {
+    // A clone of the first-attempt service, used only by retries, so the first
+    // attempt (the hot path) takes no lock.
     inner: Mutex<S>,
     layer: RetryLayer,
 }
 
 /// Calls the inner service again after a failure, up to the backoff's limit; the
-/// final error is [`Exhausted`]. The first attempt is a plain, unboxed call; only a
-/// failure starts the (boxed) retry loop.
+/// final error is [`Exhausted`]. The first attempt is a plain, unboxed call with no
+/// lock; only a failure starts the (boxed) retry loop.
 pub struct RetryService<S> {
+    inner: S,
     // Shared with this service's in-flight futures only: cloning the service (once
-    // per partition worker) copies the inner service, so workers share no state.
+    // per partition worker) makes a new one, so workers share no state.
     shared: Arc<Shared<S>>,
+}
+
+impl<S: Clone> RetryService<S> {
+    fn new(inner: S, layer: RetryLayer) -> Self {
+        Self {
+            shared: Arc::new(Shared {
+                inner: Mutex::new(inner.clone()),
+                layer,
+            }),
+            inner,
+        }
+    }
 }
 
 impl<S: Clone> Clone for RetryService<S> {
     fn clone(&self) -> Self {
-        Self {
-            shared: Arc::new(Shared {
-                inner: Mutex::new(self.shared.inner.lock().clone()),
-                layer: self.shared.layer.clone(),
-            }),
-        }
+        Self::new(self.inner.clone(), self.shared.layer.clone())
     }
 }
 
@@ -233,17 +238,20 @@ where
     type Future = RetryFuture<S::Future, S>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        self.shared.inner.lock().poll_ready(cx)
+        self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, d: Delivery) -> Self::Future {
-        let copy = self.shared.layer.keep_copy.then(|| d.clone_message());
-        let fut = self.shared.inner.lock().call(d);
-        RetryFuture::first(fut, self.shared.clone(), copy)
+        let pending = self
+            .shared
+            .layer
+            .keep_copy
+            .then(|| (self.shared.clone(), d.clone_message()));
+        RetryFuture::first(self.inner.call(d), pending)
     }
 }
 
-type Pending<S> = Option<(Arc<Shared<S>>, Option<Delivery>)>;
+type Pending<S> = Option<(Arc<Shared<S>>, Delivery)>;
 
 pin_project_lite::pin_project! {
     /// Future of [`RetryService`].
@@ -254,12 +262,9 @@ pin_project_lite::pin_project! {
 }
 
 impl<F, S> RetryFuture<F, S> {
-    fn first(fut: F, shared: Arc<Shared<S>>, copy: Option<Delivery>) -> Self {
+    fn first(fut: F, pending: Pending<S>) -> Self {
         Self {
-            state: RetryState::First {
-                fut,
-                pending: Some((shared, copy)),
-            },
+            state: RetryState::First { fut, pending },
         }
     }
 }
@@ -297,7 +302,7 @@ where
                         Ok(()) => return Poll::Ready(Ok(())),
                         Err(e) => e,
                     };
-                    let Some((shared, Some(d))) = pending.take() else {
+                    let Some((shared, d)) = pending.take() else {
                         // Redeliver policy: nothing to retry or bury here.
                         return Poll::Ready(Err(e));
                     };

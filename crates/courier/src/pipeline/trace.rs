@@ -7,11 +7,10 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use courier_core::{BoxError, Delivery};
-use tokio::task::futures::TaskLocalFuture;
 use tower::{Layer, Service};
 use tracing::instrument::{Instrument, Instrumented};
 
-use crate::trace::{scoped, TraceContext};
+use crate::trace::{scoped, TraceContext, TraceScope};
 
 /// Adds [`TraceService`].
 #[derive(Clone)]
@@ -106,7 +105,7 @@ pin_project_lite::pin_project! {
         },
         Scoped {
             #[pin]
-            fut: TaskLocalFuture<Option<TraceContext>, Instrumented<F>>,
+            fut: TraceScope<Instrumented<F>>,
         },
     }
 }

@@ -519,7 +519,7 @@ impl Engine {
                 ack.ack();
             }
             Kind::Half { check_at } => {
-                let id = d.id.clone();
+                let id = d.id.to_string();
                 let pos = (d.partition, d.offset);
                 match target_of(d) {
                     Some(r) => {
@@ -1033,7 +1033,7 @@ fn target_of(d: Delivery) -> Option<Record> {
     wire::unwrap(Record {
         topic: d.topic.to_string(),
         partition: Some(d.partition),
-        id: d.id,
+        id: d.id.to_string(),
         key: d.key,
         value: d.value,
         headers: d.headers,
