@@ -198,8 +198,8 @@ impl Admin {
             return Ok(Vec::new());
         };
         Ok(entries
-            .into_iter()
-            .filter_map(crate::reader::entry_parts)
+            .iter()
+            .filter_map(crate::reader::entry_view)
             .filter_map(|(offset, fields)| {
                 let r = crate::reader::record_of(topic, partition, fields?);
                 if r.is_none() {

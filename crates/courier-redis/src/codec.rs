@@ -10,6 +10,8 @@
 //! `0-*`, so Redis itself assigns the next sequence number atomically and offsets are
 //! dense (0, 1, 2 …) per partition without a script or a counter key.
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 use courier_core::{Error, Headers, Record, Result};
 
@@ -62,7 +64,8 @@ fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
 #[derive(Debug, PartialEq)]
 pub(crate) struct Meta {
     pub timestamp: i64,
-    pub id: String,
+    /// Shared with the delivery as it is, so decoding allocates the id once.
+    pub id: Arc<str>,
     pub key: Option<Bytes>,
     pub headers: Headers,
 }
@@ -102,7 +105,10 @@ pub(crate) fn decode_meta(raw: &Bytes) -> Result<Meta> {
     }
     let ts = r.take(8)?;
     let timestamp = i64::from_be_bytes([ts[0], ts[1], ts[2], ts[3], ts[4], ts[5], ts[6], ts[7]]);
-    let id = String::from_utf8_lossy(r.bytes()?).into_owned();
+    let id: Arc<str> = match String::from_utf8_lossy(r.bytes()?) {
+        std::borrow::Cow::Borrowed(s) => s.into(),
+        std::borrow::Cow::Owned(s) => s.into(),
+    };
     let key = match r.take(1)?[0] {
         0 => None,
         _ => Some(raw.slice_ref(r.bytes()?)),
@@ -137,6 +143,22 @@ pub(crate) fn id_of(offset: u64) -> String {
     format!("0-{}", offset + 1)
 }
 
+/// Writes the entry id of `offset` into `buf` without allocating (one per ack on the
+/// consume path) and returns it.
+pub(crate) fn write_id(buf: &mut IdBuf, offset: u64) -> &[u8] {
+    let digits = buf.digits.format(offset + 1).as_bytes();
+    buf.out[..2].copy_from_slice(b"0-");
+    buf.out[2..2 + digits.len()].copy_from_slice(digits);
+    &buf.out[..2 + digits.len()]
+}
+
+/// Scratch space for [`write_id`].
+#[derive(Default)]
+pub(crate) struct IdBuf {
+    digits: itoa::Buffer,
+    out: [u8; 22],
+}
+
 /// The id to pass to read everything *after* `offset − 1`, i.e. from `offset` on.
 pub(crate) fn id_before(offset: u64) -> String {
     format!("0-{offset}")
@@ -162,7 +184,7 @@ mod tests {
         };
         let m = decode_meta(&Bytes::from(encode_meta(&r))).unwrap();
         assert_eq!(m.timestamp, -5);
-        assert_eq!(m.id, "id-1");
+        assert_eq!(&*m.id, "id-1");
         assert_eq!(m.key.as_deref(), Some(&b"\0k"[..]));
         assert_eq!(m.headers, headers);
         let keyless = Record { key: None, ..r };
@@ -182,6 +204,12 @@ mod tests {
         assert_eq!(offset_of(b"1700000000000-0"), None);
         assert_eq!(offset_of(b"0-0"), None);
         assert_eq!(id_of(41), "0-42");
+        let mut buf = IdBuf::default();
+        assert_eq!(write_id(&mut buf, 41), b"0-42");
+        assert_eq!(
+            write_id(&mut buf, u64::MAX - 1),
+            format!("0-{}", u64::MAX).as_bytes()
+        );
         assert_eq!(id_before(41), "0-41");
     }
 }

@@ -117,7 +117,7 @@ impl Coordinator {
         let renew_every = (self.session / 3).max(Duration::from_millis(50));
         while !self.shared.is_leaving() {
             let shared = self.shared.clone();
-            let wake = shared.wake_coordinator.notified();
+            let wake = shared.flow.wake_coordinator.notified();
             if last_renew.elapsed() >= renew_every {
                 match self.renew().await {
                     Ok(()) => last_renew = Instant::now(),
@@ -205,7 +205,7 @@ impl Coordinator {
 
     fn assignment_changed(&self) {
         let _ = self.shared.events.try_send(Event::Assigned);
-        self.shared.wake_reader.notify_one();
+        self.shared.flow.wake_reader.notify_one();
     }
 
     async fn rebalance(&mut self) -> Result<()> {
@@ -230,13 +230,13 @@ impl Coordinator {
                 let wanted = target.contains(&(tp.0.to_string(), tp.1));
                 match p.revoking {
                     None if !wanted => {
-                        p.revoking = Some(now + self.revoke_timeout);
+                        p.set_revoking(now + self.revoke_timeout);
                         changed = true;
                     }
                     Some(deadline)
-                        if !p.in_read && (p.outstanding.is_empty() || now >= deadline) =>
+                        if !p.in_read && (p.book().outstanding.is_empty() || now >= deadline) =>
                     {
-                        if !p.outstanding.is_empty() {
+                        if !p.book().outstanding.is_empty() {
                             tracing::warn!(topic = %tp.0, partition = tp.1,
                                 "revoke timeout: unsettled messages will be redelivered");
                         }
@@ -278,12 +278,9 @@ impl Coordinator {
     /// Sends the partition's last acks and gives its lease up.
     async fn release(&mut self, tp: &Tp, part: &Part) {
         let mut pipe = redis::pipe();
-        if !part.acked.is_empty() {
-            let cmd = pipe.cmd("XACK").arg(&part.key).arg(&self.group);
-            for o in &part.acked {
-                cmd.arg(codec::id_of(*o));
-            }
-            cmd.ignore();
+        let acked = std::mem::take(&mut part.book().acked);
+        if !acked.is_empty() {
+            crate::reader::push_xack(&mut pipe, &part.key, &self.group, &acked);
         }
         pipe.cmd("EVAL")
             .arg(RELEASE)
@@ -317,10 +314,10 @@ impl Coordinator {
         admin::ensure_group(&self.conn, &key, &self.group, "0").await?;
         let claimed = self.claim_all(&key).await?;
         self.forget_idle_consumers(&key).await;
-        let mut part = Part::new(key, self.shared.new_epoch());
-        for o in claimed {
-            part.attempts.insert(o, 2);
-        }
+        let part = Part::new(key, self.shared.new_epoch(), &self.shared);
+        part.book()
+            .attempts
+            .extend(claimed.into_iter().map(|o| (o, 2)));
         tracing::debug!(%topic, partition, member = %self.member, "partition acquired");
         self.shared
             .parts()

@@ -3,11 +3,12 @@
 //! pipeline. It runs on its own connection because `BLOCK` holds a connection.
 
 use std::collections::HashMap;
+use std::ops::Range;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use courier_core::{AckHandle, AckToken, Acker, Delivery, Record};
 use redis::aio::ConnectionManager;
 use redis::Value;
@@ -44,22 +45,24 @@ struct Ask {
 
 impl Reader {
     pub(crate) async fn run(mut self) {
-        let acker: Arc<dyn Acker> = self.shared.clone();
         let mut failures = 0u32;
         let mut starved_since: Option<Instant> = None;
         let resume_at = self.prefetch - self.prefetch / 2;
-        self.shared.resume_at.store(resume_at, Ordering::Relaxed);
+        self.shared
+            .flow
+            .resume_at
+            .store(resume_at, Ordering::Relaxed);
         while !self.shared.is_closed() {
             // With more than half the prefetch still out, wait (up to BLOCK) for more
             // to settle before reading: reading after every settle made one small read
             // (and a few-id XACK) per settle instead of reads of up to COUNT per
             // partition. Settles wake the reader only when they reach `resume_at`.
-            let outstanding = self.shared.outstanding.load(Ordering::Acquire);
+            let outstanding = self.shared.flow.outstanding.load(Ordering::Acquire);
             if outstanding > resume_at {
                 let since = *starved_since.get_or_insert_with(Instant::now);
                 let left = BLOCK.saturating_sub(since.elapsed());
                 if !left.is_zero() {
-                    let wake = self.shared.wake_reader.notified();
+                    let wake = self.shared.flow.wake_reader.notified();
                     tokio::select! {
                         _ = wake => {}
                         _ = tokio::time::sleep(left) => {}
@@ -69,11 +72,11 @@ impl Reader {
             }
             starved_since = None;
             let shared = self.shared.clone();
-            let wake = shared.wake_reader.notified();
+            let wake = shared.flow.wake_reader.notified();
             let (acks, asks, next_due) = self.plan();
             let budget = self
                 .prefetch
-                .saturating_sub(self.shared.outstanding.load(Ordering::Acquire));
+                .saturating_sub(self.shared.flow.outstanding.load(Ordering::Acquire));
             if asks.is_empty() || budget == 0 {
                 if !acks.is_empty() {
                     if let Err(e) = self.send_acks(&acks).await {
@@ -97,7 +100,7 @@ impl Reader {
             match self.read(&acks, &asks, per_stream, block).await {
                 Ok(reply) => {
                     failures = 0;
-                    let batch = self.accept(&asks, reply, per_stream, &acker);
+                    let batch = self.accept(&asks, reply, per_stream);
                     if !batch.is_empty()
                         && self.shared.events.send(Event::Batch(batch)).await.is_err()
                     {
@@ -133,8 +136,9 @@ impl Reader {
         let mut asks = Vec::new();
         let mut next_due: Option<Instant> = None;
         for (tp, p) in parts.iter_mut() {
-            if !p.acked.is_empty() {
-                acks.push((p.key.clone(), std::mem::take(&mut p.acked)));
+            let acked = std::mem::take(&mut p.book().acked);
+            if !acked.is_empty() {
+                acks.push((p.key.clone(), acked));
             }
             if p.revoking.is_some() {
                 continue;
@@ -165,9 +169,9 @@ impl Reader {
     fn take_acks(&self) -> Acks {
         self.shared
             .parts()
-            .values_mut()
-            .filter(|p| !p.acked.is_empty())
-            .map(|p| (p.key.clone(), std::mem::take(&mut p.acked)))
+            .values()
+            .map(|p| (p.key.clone(), std::mem::take(&mut p.book().acked)))
+            .filter(|(_, acked)| !acked.is_empty())
             .collect()
     }
 
@@ -182,7 +186,7 @@ impl Reader {
             }
         }
         drop(parts);
-        self.shared.wake_coordinator.notify_one();
+        self.shared.flow.wake_coordinator.notify_one();
     }
 
     /// A read whose reply was lost may still have moved entries into this member's
@@ -206,18 +210,14 @@ impl Reader {
         let mut parts = self.shared.parts();
         for (key, offsets) in acks {
             if let Some(p) = parts.values_mut().find(|p| p.key == key) {
-                p.acked.extend(offsets);
+                p.book().acked.extend(offsets);
             }
         }
     }
 
     fn push_acks(&self, pipe: &mut redis::Pipeline, acks: &Acks) {
         for (key, offsets) in acks {
-            let cmd = pipe.cmd("XACK").arg(key).arg(&self.group);
-            for o in offsets {
-                cmd.arg(codec::id_of(*o));
-            }
-            cmd.ignore();
+            push_xack(pipe, key, &self.group, offsets);
         }
     }
 
@@ -259,13 +259,7 @@ impl Reader {
 
     /// Turns a reply into deliveries, dropping what a nack or a revocation overtook
     /// while the read was on the wire (those entries stay pending and are read again).
-    fn accept(
-        &self,
-        asks: &[Ask],
-        reply: Value,
-        count: usize,
-        acker: &Arc<dyn Acker>,
-    ) -> Vec<Delivery> {
+    fn accept(&self, asks: &[Ask], reply: Value, count: usize) -> Vec<Delivery> {
         let mut by_key: HashMap<Vec<u8>, Vec<Value>> = HashMap::new();
         for (key, entries) in streams(reply) {
             by_key.insert(key, entries);
@@ -282,38 +276,59 @@ impl Reader {
                 continue;
             }
             let got = entries.len();
-            for entry in entries {
-                let Some((offset, fields)) = entry_parts(entry) else {
-                    continue;
-                };
+            let packed = Packed::of(&entries);
+            drop(entries);
+            let epoch = p.epoch;
+            let part_acker = p.acker.clone();
+            let acker: Arc<dyn Acker> = part_acker.clone();
+            let mut book = part_acker.book();
+            for (offset, fields) in packed.items {
                 p.next = p.next.max(offset + 1);
                 if let Mode::History { from } = &mut p.mode {
                     *from = offset + 1;
                 }
-                let Some(fields) = fields else {
+                let Some((meta, value)) = fields else {
                     // Pending but trimmed away by retention: nothing to deliver.
-                    p.acked.push(offset);
+                    book.acked.push(offset);
                     continue;
                 };
-                let Some(d) = delivery(&a.tp, offset, fields, p.epoch, p, acker) else {
+                let slice = |r: Option<Range<usize>>| r.map(|r| packed.buf.slice(r));
+                let d = slice(meta).and_then(|meta| {
+                    let value = slice(value).unwrap_or_default();
+                    let attempt = book.attempts.get(&offset).copied().unwrap_or(1);
+                    delivery(&a.tp, offset, meta, value, epoch, attempt, &acker)
+                });
+                let Some(d) = d else {
                     tracing::warn!(stream = %a.key, offset, "skipping an entry Courier did not write");
-                    p.acked.push(offset);
+                    book.acked.push(offset);
                     continue;
                 };
-                p.outstanding.insert(offset, p.epoch);
+                book.outstanding.insert(offset, epoch);
                 out.push(d);
             }
+            drop(book);
             if a.history && got < count {
                 p.mode = Mode::New;
             }
         }
         drop(parts);
         self.shared
+            .flow
             .outstanding
             .fetch_add(out.len(), Ordering::AcqRel);
-        self.shared.wake_coordinator.notify_one();
+        self.shared.flow.wake_coordinator.notify_one();
         out
     }
+}
+
+/// Adds one `XACK` of `offsets` on stream `key` to `pipe`, its reply ignored.
+pub(crate) fn push_xack(pipe: &mut redis::Pipeline, key: &str, group: &str, offsets: &[u64]) {
+    let cmd = pipe.cmd("XACK").arg(key).arg(group);
+    let mut id = codec::IdBuf::default();
+    for o in offsets {
+        cmd.arg(codec::write_id(&mut id, *o));
+    }
+    cmd.ignore();
 }
 
 /// `(stream key, entries)` of an `XREADGROUP` reply (RESP2 array or RESP3 map).
@@ -350,75 +365,109 @@ fn streams(reply: Value) -> Vec<(Vec<u8>, Vec<Value>)> {
         .collect()
 }
 
-/// `(offset, fields)` of one entry; fields are `None` for a pending entry whose data
+/// The fields of one entry that Courier reads: `None` for a pending entry whose data
 /// was deleted.
-pub(crate) fn entry_parts(entry: Value) -> Option<(u64, Option<Vec<Value>>)> {
-    let Value::Array(mut parts) = entry else {
+pub(crate) type Fields<'a> = Option<(Option<&'a [u8]>, Option<&'a [u8]>)>;
+
+/// `(offset, (m, v))` of one entry, borrowed from the reply.
+pub(crate) fn entry_view(entry: &Value) -> Option<(u64, Fields<'_>)> {
+    let Value::Array(parts) = entry else {
         return None;
     };
-    if parts.len() != 2 {
+    let [id, fields] = parts.as_slice() else {
         return None;
-    }
-    let fields = parts.pop()?;
-    let id = parts.pop()?;
-    let offset = codec::offset_of(resp::bytes(&id)?)?;
+    };
+    let offset = codec::offset_of(resp::bytes(id)?)?;
+    // Walked in place: `resp::pairs` would allocate a vector per entry.
     let fields = match fields {
-        Value::Array(f) => Some(f),
-        Value::Map(m) => Some(m.into_iter().flat_map(|(k, v)| [k, v]).collect()),
-        _ => None,
+        Value::Array(a) => meta_and_value(a.chunks_exact(2).map(|c| (&c[0], &c[1]))),
+        Value::Map(m) => meta_and_value(m.iter().map(|(k, v)| (k, v))),
+        _ => return Some((offset, None)),
     };
-    Some((offset, fields))
+    Some((offset, Some(fields)))
 }
 
-/// The record of one entry's fields (`None` when they are not in Courier's format).
-pub(crate) fn record_of(topic: &str, partition: u32, fields: Vec<Value>) -> Option<Record> {
-    let (meta, value) = meta_and_value(fields);
-    let meta = codec::decode_meta(&meta?).ok()?;
-    Some(Record {
-        topic: topic.to_string(),
-        partition: Some(partition),
-        id: meta.id,
-        key: meta.key,
-        value: value.unwrap_or_default(),
-        headers: meta.headers,
-        timestamp: meta.timestamp,
-    })
-}
-
-/// The raw `m` and `v` fields of an entry.
-fn meta_and_value(fields: Vec<Value>) -> (Option<Bytes>, Option<Bytes>) {
+fn meta_and_value<'a>(
+    pairs: impl Iterator<Item = (&'a Value, &'a Value)>,
+) -> (Option<&'a [u8]>, Option<&'a [u8]>) {
     let mut meta = None;
     let mut value = None;
-    let mut it = fields.into_iter();
-    while let (Some(k), Some(v)) = (it.next(), it.next()) {
-        match resp::bytes(&k) {
-            Some(b) if b == FIELD_META.as_bytes() => meta = into_bytes(v),
-            Some(b) if b == FIELD_VALUE.as_bytes() => value = into_bytes(v),
+    for (k, v) in pairs {
+        match resp::bytes(k) {
+            Some(b) if b == FIELD_META.as_bytes() => meta = resp::bytes(v),
+            Some(b) if b == FIELD_VALUE.as_bytes() => value = resp::bytes(v),
             _ => {}
         }
     }
     (meta, value)
 }
 
-fn into_bytes(v: Value) -> Option<Bytes> {
-    match v {
-        Value::BulkString(b) => Some(Bytes::from(b)),
-        Value::SimpleString(s) => Some(Bytes::from(s)),
-        _ => None,
+/// The record of one entry's fields (`None` when they are not in Courier's format).
+pub(crate) fn record_of(
+    topic: &str,
+    partition: u32,
+    (meta, value): (Option<&[u8]>, Option<&[u8]>),
+) -> Option<Record> {
+    let meta = codec::decode_meta(&Bytes::copy_from_slice(meta?)).ok()?;
+    Some(Record {
+        topic: topic.to_string(),
+        partition: Some(partition),
+        id: meta.id.to_string(),
+        key: meta.key,
+        value: value.map(Bytes::copy_from_slice).unwrap_or_default(),
+        headers: meta.headers,
+        timestamp: meta.timestamp,
+    })
+}
+
+/// One partition's entries of a reply with their `m` and `v` fields copied into one
+/// buffer. The deliveries then share that buffer (one allocation, freed once, on
+/// whichever thread drops the last of them) instead of each keeping the reply's own
+/// buffers alive, which the handlers' threads freed one by one (profiled: cross-thread
+/// `free` was the largest single cost of consuming).
+struct Packed {
+    buf: Bytes,
+    /// `(offset, (m range, v range))`; `None` for entries whose data was deleted.
+    items: Vec<(u64, Option<(Option<Range<usize>>, Option<Range<usize>>)>)>,
+}
+
+impl Packed {
+    fn of(entries: &[Value]) -> Self {
+        let views: Vec<_> = entries.iter().filter_map(entry_view).collect();
+        let size = views
+            .iter()
+            .filter_map(|(_, f)| *f)
+            .map(|(m, v)| m.map_or(0, <[u8]>::len) + v.map_or(0, <[u8]>::len))
+            .sum();
+        let mut buf = BytesMut::with_capacity(size);
+        let mut copy = |b: Option<&[u8]>| {
+            b.map(|b| {
+                let start = buf.len();
+                buf.extend_from_slice(b);
+                start..buf.len()
+            })
+        };
+        let items = views
+            .into_iter()
+            .map(|(offset, f)| (offset, f.map(|(m, v)| (copy(m), copy(v)))))
+            .collect();
+        Self {
+            buf: buf.freeze(),
+            items,
+        }
     }
 }
 
 fn delivery(
     tp: &Tp,
     offset: u64,
-    fields: Vec<Value>,
+    meta: Bytes,
+    value: Bytes,
     epoch: u64,
-    part: &crate::state::Part,
+    attempt: u32,
     acker: &Arc<dyn Acker>,
 ) -> Option<Delivery> {
-    let (meta, value) = meta_and_value(fields);
-    let meta = codec::decode_meta(&meta?).ok()?;
-    let attempt = part.attempts.get(&offset).copied().unwrap_or(1);
+    let meta = codec::decode_meta(&meta).ok()?;
     let token = AckToken {
         topic: tp.0.clone(),
         partition: tp.1,
@@ -431,7 +480,7 @@ fn delivery(
         tp.1,
         offset,
         meta.key,
-        value.unwrap_or_default(),
+        value,
         meta.headers,
         meta.id,
         meta.timestamp,

@@ -44,7 +44,7 @@ impl Subscription for RedisSubscription {
 
     async fn close(&mut self) -> Result<()> {
         self.shared.closed.store(true, Ordering::Release);
-        self.shared.wake_reader.notify_one();
+        self.shared.flow.wake_reader.notify_one();
         // Deliveries never handed to a handler are dropped (nacked): they stay pending
         // and the next owner re-reads them.
         self.events.close();
@@ -53,7 +53,7 @@ impl Subscription for RedisSubscription {
             r.await.map_err(|e| Error::backend(BACKEND, e))?;
         }
         self.shared.leaving.store(true, Ordering::Release);
-        self.shared.wake_coordinator.notify_one();
+        self.shared.flow.wake_coordinator.notify_one();
         if let Some(c) = self.coordinator.take() {
             match tokio::time::timeout(Duration::from_secs(10), c).await {
                 Ok(r) => r.map_err(|e| Error::backend(BACKEND, e))?,
@@ -69,7 +69,7 @@ impl Drop for RedisSubscription {
         // Not closed: stop and leave in the background as well as we can.
         self.shared.closed.store(true, Ordering::Release);
         self.shared.leaving.store(true, Ordering::Release);
-        self.shared.wake_reader.notify_one();
-        self.shared.wake_coordinator.notify_one();
+        self.shared.flow.wake_reader.notify_one();
+        self.shared.flow.wake_coordinator.notify_one();
     }
 }
