@@ -428,8 +428,11 @@ pub(crate) fn record_of(
 struct Packed {
     buf: Bytes,
     /// `(offset, (m range, v range))`; `None` for entries whose data was deleted.
-    items: Vec<(u64, Option<(Option<Range<usize>>, Option<Range<usize>>)>)>,
+    items: Vec<(u64, Option<FieldRanges>)>,
 }
+
+/// Where an entry's `m` and `v` are in [`Packed::buf`].
+type FieldRanges = (Option<Range<usize>>, Option<Range<usize>>);
 
 impl Packed {
     fn of(entries: &[Value]) -> Self {
