@@ -13,7 +13,7 @@
 //! the machine.
 //!
 //! Environment: `COURIER_BENCH_MESSAGES` (default 1,000,000), `COURIER_BENCH_ROUNDS`
-//! (default 3).
+//! (default 3), `COURIER_BENCH_TOPICS` (`plain` or `traced`: one kind only).
 
 mod common;
 
@@ -95,7 +95,12 @@ fn main() {
         let rounds = env_usize("COURIER_BENCH_ROUNDS", 3) as u64;
         let client = Client::connect("memory://pipeline-bench").await.expect("connect");
         println!("memory://, {n} messages of 64 B, 4 partitions, {rounds} rounds, best of each");
+        // `COURIER_BENCH_TOPICS=traced` (or `plain`) runs one kind only, for profiling.
+        let only = std::env::var("COURIER_BENCH_TOPICS").unwrap_or_default();
         for (topic, traced) in [("bench.plain", false), ("bench.traced", true)] {
+            if !only.is_empty() && !only.split(',').any(|t| topic.ends_with(t.trim())) {
+                continue;
+            }
             fill(&client, topic, n, traced).await;
             let (mut bare, mut full) = (0f64, 0f64);
             let (mut bare_cpu, mut full_cpu) = (f64::MAX, f64::MAX);
