@@ -13,7 +13,8 @@
 //! the machine.
 //!
 //! Environment: `COURIER_BENCH_MESSAGES` (default 1,000,000), `COURIER_BENCH_ROUNDS`
-//! (default 3), `COURIER_BENCH_TOPICS` (`plain` or `traced`: one kind only).
+//! (default 3), `COURIER_BENCH_TOPICS` (`plain` or `traced`: one kind only),
+//! `COURIER_BENCH_SIDE` (`bare` or `pipeline`: one side only; for profiling).
 
 mod common;
 
@@ -97,6 +98,12 @@ fn main() {
         println!("memory://, {n} messages of 64 B, 4 partitions, {rounds} rounds, best of each");
         // `COURIER_BENCH_TOPICS=traced` (or `plain`) runs one kind only, for profiling.
         let only = std::env::var("COURIER_BENCH_TOPICS").unwrap_or_default();
+        // `COURIER_BENCH_SIDE=bare` (or `pipeline`) consumes with one side only.
+        let side = match std::env::var("COURIER_BENCH_SIDE").as_deref() {
+            Ok("bare") => Some(true),
+            Ok("pipeline") => Some(false),
+            _ => None,
+        };
         for (topic, traced) in [("bench.plain", false), ("bench.traced", true)] {
             if !only.is_empty() && !only.split(',').any(|t| topic.ends_with(t.trim())) {
                 continue;
@@ -107,7 +114,7 @@ fn main() {
             for r in 0..rounds {
                 // Alternate which runs first so warm-up and drift hit both alike.
                 let order = if r % 2 == 0 { [true, false] } else { [false, true] };
-                for b in order {
+                for b in order.into_iter().filter(|b| side.is_none_or(|s| s == *b)) {
                     let g = format!("g-{topic}-{r}-{b}");
                     let (rate, cpu) = consume(&client, topic, &g, n, b).await;
                     if b {
@@ -118,6 +125,12 @@ fn main() {
                         full_cpu = full_cpu.min(cpu);
                     }
                 }
+            }
+            if let Some(bare_side) = side {
+                let (rate, cpu) = if bare_side { (bare, bare_cpu) } else { (full, full_cpu) };
+                let name = if bare_side { "bare" } else { "default pipeline" };
+                println!("{topic:<13} {name} {rate:>10.0} msg/s   cpu/msg {cpu:>6.3} µs");
+                continue;
             }
             println!(
                 "{topic:<13} bare {bare:>10.0} msg/s   default pipeline {full:>10.0} msg/s   ratio {:.1}%   overhead {:.1}%",
