@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::context::PublishAckFuture;
 use async_nats::jetstream::Context;
+use async_nats::Subject;
 use courier_core::{partition_for_key, Error, Receipt, Record, Result, TopicSpec};
 use parking_lot::Mutex;
 
@@ -24,10 +25,15 @@ pub(crate) const MAX_ACKS_IN_FLIGHT: usize = 16 * 1024;
 
 struct TopicState {
     partitions: u32,
+    /// The partitions' subjects, built once rather than per message.
+    subjects: Arc<[Subject]>,
     fetched: Instant,
     /// Keyless records stick to one partition per publish call, rotating between calls.
     sticky: Arc<AtomicU32>,
 }
+
+/// Partition count, keyless rotation and partition subjects of a topic.
+type Route = (u32, Arc<AtomicU32>, Arc<[Subject]>);
 
 /// The producing half of the driver.
 pub(crate) struct Publisher {
@@ -56,10 +62,10 @@ impl Publisher {
 
     /// Partition count of `topic`; a topic that does not exist is created with the
     /// default partition count (implicit creation, as on the other backends).
-    async fn partitions(&self, topic: &str) -> Result<(u32, Arc<AtomicU32>)> {
+    async fn partitions(&self, topic: &str) -> Result<Route> {
         if let Some(s) = self.topics.lock().get(topic) {
             if s.fetched.elapsed() < PARTITIONS_TTL {
-                return Ok((s.partitions, s.sticky.clone()));
+                return Ok((s.partitions, s.sticky.clone(), s.subjects.clone()));
             }
         }
         let n = match topics::get(&self.js, topic).await? {
@@ -74,15 +80,20 @@ impl Publisher {
             }
         };
         let sticky = Arc::new(AtomicU32::new(rand_start()));
+        let subjects: Arc<[Subject]> = names::subjects(topic, n)
+            .into_iter()
+            .map(Subject::from)
+            .collect();
         self.topics.lock().insert(
             topic.to_string(),
             TopicState {
                 partitions: n,
+                subjects: subjects.clone(),
                 fetched: Instant::now(),
                 sticky: sticky.clone(),
             },
         );
-        Ok((n, sticky))
+        Ok((n, sticky, subjects))
     }
 
     /// Publishes `batch`; receipts in input order.
@@ -94,10 +105,10 @@ impl Publisher {
         {
             // `unconstrained`: a coop-budget yield here would give up our FIFO place.
             let _turn = tokio::task::unconstrained(self.enqueue.lock()).await;
-            let mut chosen: HashMap<&str, (u32, u32)> = HashMap::new();
+            let mut chosen: HashMap<&str, (u32, u32, Arc<[Subject]>)> = HashMap::new();
             for r in &batch {
                 if !chosen.contains_key(r.topic.as_str()) {
-                    let (n, sticky) =
+                    let (n, sticky, subjects) =
                         self.partitions(&r.topic)
                             .await
                             .map_err(|e| Error::BatchSendFailed {
@@ -106,11 +117,12 @@ impl Publisher {
                                 source: Box::new(e),
                             })?;
                     let s = sticky.fetch_add(1, Ordering::Relaxed) % n;
-                    chosen.insert(r.topic.as_str(), (n, s));
+                    chosen.insert(r.topic.as_str(), (n, s, subjects));
                 }
             }
             for (i, r) in batch.iter().enumerate() {
-                let (n, sticky) = chosen[r.topic.as_str()];
+                let (n, sticky, subjects) = &chosen[r.topic.as_str()];
+                let (n, sticky) = (*n, *sticky);
                 let partition = match (r.partition, &r.key) {
                     (Some(p), _) if p < n => p,
                     (Some(p), _) => {
@@ -142,7 +154,7 @@ impl Publisher {
                 let sent = self
                     .js
                     .publish_with_headers(
-                        names::subject(&r.topic, partition),
+                        subjects[partition as usize].clone(),
                         codec::encode(r),
                         r.value.clone(),
                     )
