@@ -36,67 +36,38 @@ struct Cursor {
     paused_until: Option<Instant>,
     /// Redelivery counts of nacked offsets.
     attempts: HashMap<u64, u32>,
+    /// The partition was handed over: every delivery of it is stale.
+    released: bool,
 }
 
-/// Cursors by topic, then partition: acks look up by `&str` without allocating.
-/// Hashed with foldhash: every ack and every staleness check looks a cursor up, and
-/// SipHash with its probing was ~320 of the ~490 instructions of an ack (callgrind).
-#[derive(Default)]
-struct Cursors(HashMap<Arc<str>, HashMap<u32, Cursor, FastHash>, FastHash>);
-
-type FastHash = foldhash::fast::RandomState;
-
-impl Cursors {
-    fn get(&self, tp: &TopicPartition) -> Option<&Cursor> {
-        self.0.get(tp.topic.as_str())?.get(&tp.partition)
-    }
-
-    fn get_mut(&mut self, topic: &str, partition: u32) -> Option<&mut Cursor> {
-        self.0.get_mut(topic)?.get_mut(&partition)
-    }
-
-    fn insert(&mut self, topic: Arc<str>, partition: u32, c: Cursor) {
-        self.0.entry(topic).or_default().insert(partition, c);
-    }
-
-    fn remove(&mut self, tp: &TopicPartition) {
-        if let Some(m) = self.0.get_mut(tp.topic.as_str()) {
-            m.remove(&tp.partition);
-            if m.is_empty() {
-                self.0.remove(tp.topic.as_str());
-            }
-        }
-    }
-
-    fn iter(&self) -> impl Iterator<Item = (TopicPartition, &Cursor)> {
-        self.0.iter().flat_map(|(t, m)| {
-            m.iter()
-                .map(move |(p, c)| (TopicPartition::new(&**t, *p), c))
-        })
-    }
+/// The settle state of one owned partition, and the acker of its deliveries. Acks
+/// and staleness checks lock only their own partition: one cursor map under one
+/// lock for the whole member was looked up (and hashed) twice per message and
+/// contended across the partition workers.
+pub(crate) struct PartAcks {
+    cursor: Mutex<Cursor>,
+    signals: Arc<Signals>,
 }
 
-/// Shared between the subscription and the ack handles it gave out.
-pub(crate) struct MemberAcks {
-    cursors: Mutex<Cursors>,
+/// Wake-ups shared by a member's partitions.
+pub(crate) struct Signals {
     /// Woken on every settle while a partition is being handed over, and on nack.
     settled: Notify,
     revoking: AtomicUsize,
 }
 
-impl MemberAcks {
-    fn with_cursor<R>(&self, token: &AckToken, f: impl FnOnce(&mut Cursor) -> R) -> Option<R> {
-        let mut cursors = self.cursors.lock();
-        match cursors.get_mut(&token.topic, token.partition) {
-            Some(c) if c.epoch == token.epoch => Some(f(c)),
-            _ => None,
-        }
+impl PartAcks {
+    /// The cursor, when `token` belongs to its current epoch of an owned partition.
+    fn live(&self, token: &AckToken) -> Option<parking_lot::MutexGuard<'_, Cursor>> {
+        let c = self.cursor.lock();
+        (c.epoch == token.epoch && !c.released).then_some(c)
     }
 }
 
-impl Acker for MemberAcks {
+impl Acker for PartAcks {
     fn ack(&self, token: AckToken) {
-        self.with_cursor(&token, |c| {
+        if let Some(mut guard) = self.live(&token) {
+            let c = &mut *guard;
             if token.offset == c.settled_upto {
                 c.settled_upto += 1;
                 while c.acked_ahead.remove(&c.settled_upto) {
@@ -108,25 +79,26 @@ impl Acker for MemberAcks {
             if !c.attempts.is_empty() {
                 c.attempts.remove(&token.offset);
             }
-        });
-        if self.revoking.load(Ordering::Acquire) > 0 {
-            self.settled.notify_waiters();
+        }
+        if self.signals.revoking.load(Ordering::Acquire) > 0 {
+            self.signals.settled.notify_waiters();
         }
     }
 
     fn nack(&self, token: AckToken, redeliver_after: Duration) {
-        self.with_cursor(&token, |c| {
+        if let Some(mut guard) = self.live(&token) {
+            let c = &mut *guard;
             c.epoch += 1;
             c.next_fetch = token.offset;
             c.acked_ahead.retain(|o| *o < token.offset);
             c.paused_until = Some(Instant::now() + redeliver_after);
             *c.attempts.entry(token.offset).or_insert(1) += 1;
-        });
-        self.settled.notify_waiters();
+        }
+        self.signals.settled.notify_waiters();
     }
 
     fn is_stale(&self, token: &AckToken) -> bool {
-        self.with_cursor(token, |_| ()).is_none()
+        self.live(token).is_none()
     }
 }
 
@@ -134,6 +106,7 @@ struct Owned<P> {
     tp: TopicPartition,
     topic: Arc<str>,
     log: Arc<P>,
+    acks: Arc<PartAcks>,
 }
 
 /// A live member of a group.
@@ -143,7 +116,7 @@ pub(crate) struct LocalSubscription<S: LogStore> {
     member: MemberId,
     spec: SubscribeSpec,
     assignment: watch::Receiver<Vec<TopicPartition>>,
-    acks: Arc<MemberAcks>,
+    signals: Arc<Signals>,
     owned: Vec<Owned<S::Partition>>,
     pending: Vec<TopicPartition>,
     last_commit: Instant,
@@ -167,8 +140,7 @@ impl<S: LogStore> LocalSubscription<S> {
             member,
             spec,
             assignment,
-            acks: Arc::new(MemberAcks {
-                cursors: Mutex::new(Cursors::default()),
+            signals: Arc::new(Signals {
                 settled: Notify::new(),
                 revoking: AtomicUsize::new(0),
             }),
@@ -204,32 +176,29 @@ impl<S: LogStore> LocalSubscription<S> {
     }
 
     async fn revoke(&mut self, revoked: &[TopicPartition]) -> Result<()> {
-        self.acks.revoking.fetch_add(1, Ordering::AcqRel);
+        self.signals.revoking.fetch_add(1, Ordering::AcqRel);
         // In-flight deliveries of a revoked partition are finished by the handlers
         // before the partition moves, so a clean rebalance processes nothing twice.
         let deadline = Instant::now() + self.spec.session_timeout;
         loop {
-            let notified = self.acks.settled.notified();
-            let drained = {
-                let cursors = self.acks.cursors.lock();
-                revoked.iter().all(|tp| {
-                    cursors
-                        .get(tp)
-                        .is_none_or(|c| c.settled_upto >= c.next_fetch)
-                })
-            };
+            let notified = self.signals.settled.notified();
+            let drained = self
+                .owned
+                .iter()
+                .filter(|o| revoked.contains(&o.tp))
+                .all(|o| {
+                    let c = o.acks.cursor.lock();
+                    c.settled_upto >= c.next_fetch
+                });
             if drained || Instant::now() >= deadline {
                 break;
             }
             let _ = tokio::time::timeout_at(deadline, notified).await;
         }
-        self.acks.revoking.fetch_sub(1, Ordering::AcqRel);
+        self.signals.revoking.fetch_sub(1, Ordering::AcqRel);
         self.commit(Some(revoked)).await?;
-        {
-            let mut cursors = self.acks.cursors.lock();
-            for tp in revoked {
-                cursors.remove(tp);
-            }
+        for o in self.owned.iter().filter(|o| revoked.contains(&o.tp)) {
+            o.acks.cursor.lock().released = true;
         }
         self.owned.retain(|o| !revoked.contains(&o.tp));
         for tp in revoked {
@@ -260,10 +229,8 @@ impl<S: LogStore> LocalSubscription<S> {
                 },
             };
             let topic: Arc<str> = Arc::from(tp.topic.as_str());
-            self.acks.cursors.lock().insert(
-                topic.clone(),
-                tp.partition,
-                Cursor {
+            let acks = Arc::new(PartAcks {
+                cursor: Mutex::new(Cursor {
                     next_fetch: start,
                     settled_upto: start,
                     committed: start,
@@ -271,9 +238,16 @@ impl<S: LogStore> LocalSubscription<S> {
                     epoch: 0,
                     paused_until: None,
                     attempts: HashMap::new(),
-                },
-            );
-            self.owned.push(Owned { topic, tp, log });
+                    released: false,
+                }),
+                signals: self.signals.clone(),
+            });
+            self.owned.push(Owned {
+                topic,
+                tp,
+                log,
+                acks,
+            });
         }
         self.pending = still;
         Ok(())
@@ -281,16 +255,15 @@ impl<S: LogStore> LocalSubscription<S> {
 
     /// Writes settled positions that moved (only `only`'s, when given).
     async fn commit(&mut self, only: Option<&[TopicPartition]>) -> Result<()> {
-        let updates: Vec<(TopicPartition, u64)> = {
-            let cursors = self.acks.cursors.lock();
-            cursors
-                .iter()
-                .filter(|(tp, c)| {
-                    c.settled_upto > c.committed && only.is_none_or(|o| o.contains(tp))
-                })
-                .map(|(tp, c)| (tp, c.settled_upto))
-                .collect()
-        };
+        let updates: Vec<(TopicPartition, u64)> = self
+            .owned
+            .iter()
+            .filter(|o| only.is_none_or(|only| only.contains(&o.tp)))
+            .filter_map(|o| {
+                let c = o.acks.cursor.lock();
+                (c.settled_upto > c.committed).then(|| (o.tp.clone(), c.settled_upto))
+            })
+            .collect();
         self.last_commit = Instant::now();
         if updates.is_empty() {
             return Ok(());
@@ -299,10 +272,10 @@ impl<S: LogStore> LocalSubscription<S> {
             .store
             .commit_offsets(&self.spec.group, &updates)
             .await?;
-        let mut cursors = self.acks.cursors.lock();
-        for (tp, o) in updates {
-            if let Some(c) = cursors.get_mut(&tp.topic, tp.partition) {
-                c.committed = c.committed.max(o);
+        for (tp, offset) in updates {
+            if let Some(o) = self.owned.iter().find(|o| o.tp == tp) {
+                let mut c = o.acks.cursor.lock();
+                c.committed = c.committed.max(offset);
             }
         }
         Ok(())
@@ -318,17 +291,13 @@ impl<S: LogStore> LocalSubscription<S> {
         }
         self.rotate = (self.rotate + 1) % n;
         let now = Instant::now();
-        let acker: Arc<dyn Acker> = self.acks.clone();
         for i in 0..n {
             if out.len() >= max {
                 break;
             }
             let o = &self.owned[(self.rotate + i) % n];
             let (from, epoch) = {
-                let mut cursors = self.acks.cursors.lock();
-                let Some(c) = cursors.get_mut(&o.topic, o.tp.partition) else {
-                    continue;
-                };
+                let mut c = o.acks.cursor.lock();
                 if let Some(until) = c.paused_until {
                     if until > now {
                         wake_at = Some(wake_at.map_or(until, |w| w.min(until)));
@@ -347,10 +316,7 @@ impl<S: LogStore> LocalSubscription<S> {
             };
             let next = last.offset + 1;
             let attempts = {
-                let mut cursors = self.acks.cursors.lock();
-                let Some(c) = cursors.get_mut(&o.topic, o.tp.partition) else {
-                    continue;
-                };
+                let mut c = o.acks.cursor.lock();
                 if c.epoch != epoch {
                     continue; // nacked meanwhile: re-read from the rewound position
                 }
@@ -371,6 +337,7 @@ impl<S: LogStore> LocalSubscription<S> {
                     .map(|r| c.attempts.get(&r.offset).copied().unwrap_or(1))
                     .collect::<Vec<_>>()
             };
+            let acker: Arc<dyn Acker> = o.acks.clone();
             for (r, attempt) in records.into_iter().zip(attempts) {
                 let token = AckToken {
                     topic: o.topic.clone(),
@@ -429,14 +396,10 @@ impl<S: LogStore> Subscription for LocalSubscription<S> {
             for o in &self.owned {
                 let mut rx = o.log.watch_end();
                 let seen = *rx.borrow_and_update();
-                let (from, paused) = self
-                    .acks
-                    .cursors
-                    .lock()
-                    .get(&o.tp)
-                    .map_or((seen, false), |c| {
-                        (c.next_fetch, c.paused_until.is_some_and(|u| u > now))
-                    });
+                let (from, paused) = {
+                    let c = o.acks.cursor.lock();
+                    (c.next_fetch, c.paused_until.is_some_and(|u| u > now))
+                };
                 if seen > from {
                     if paused {
                         continue; // the pause's end is in `wake_at`
@@ -466,8 +429,8 @@ impl<S: LogStore> Subscription for LocalSubscription<S> {
                 }
                 .boxed(),
             );
-            let acks = self.acks.clone();
-            waits.push(async move { acks.settled.notified().await }.boxed());
+            let signals = self.signals.clone();
+            waits.push(async move { signals.settled.notified().await }.boxed());
             if !self.pending.is_empty() {
                 let group = self.group.clone();
                 waits.push(async move { group.released.notified().await }.boxed());
