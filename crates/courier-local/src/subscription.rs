@@ -255,15 +255,15 @@ impl<S: LogStore> LocalSubscription<S> {
 
     /// Writes settled positions that moved (only `only`'s, when given).
     async fn commit(&mut self, only: Option<&[TopicPartition]>) -> Result<()> {
-        let updates: Vec<(TopicPartition, u64)> = self
+        let (updates, acks): (Vec<(TopicPartition, u64)>, Vec<&Arc<PartAcks>>) = self
             .owned
             .iter()
             .filter(|o| only.is_none_or(|only| only.contains(&o.tp)))
             .filter_map(|o| {
                 let c = o.acks.cursor.lock();
-                (c.settled_upto > c.committed).then(|| (o.tp.clone(), c.settled_upto))
+                (c.settled_upto > c.committed).then(|| ((o.tp.clone(), c.settled_upto), &o.acks))
             })
-            .collect();
+            .unzip();
         self.last_commit = Instant::now();
         if updates.is_empty() {
             return Ok(());
@@ -272,11 +272,9 @@ impl<S: LogStore> LocalSubscription<S> {
             .store
             .commit_offsets(&self.spec.group, &updates)
             .await?;
-        for (tp, offset) in updates {
-            if let Some(o) = self.owned.iter().find(|o| o.tp == tp) {
-                let mut c = o.acks.cursor.lock();
-                c.committed = c.committed.max(offset);
-            }
+        for ((_, offset), part) in updates.iter().zip(acks) {
+            let mut c = part.cursor.lock();
+            c.committed = c.committed.max(*offset);
         }
         Ok(())
     }

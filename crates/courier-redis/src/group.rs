@@ -228,15 +228,14 @@ impl Coordinator {
             let mut parts = self.shared.parts();
             for (tp, p) in parts.iter_mut() {
                 let wanted = target.contains(&(tp.0.to_string(), tp.1));
+                let unsettled = !p.book().outstanding.is_empty();
                 match p.revoking {
                     None if !wanted => {
                         p.set_revoking(now + self.revoke_timeout);
                         changed = true;
                     }
-                    Some(deadline)
-                        if !p.in_read && (p.book().outstanding.is_empty() || now >= deadline) =>
-                    {
-                        if !p.book().outstanding.is_empty() {
+                    Some(deadline) if !p.in_read && (!unsettled || now >= deadline) => {
+                        if unsettled {
                             tracing::warn!(topic = %tp.0, partition = tp.1,
                                 "revoke timeout: unsettled messages will be redelivered");
                         }
