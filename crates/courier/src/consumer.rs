@@ -20,8 +20,8 @@ use tokio_util::task::TaskTracker;
 use tower::{Layer, Service, ServiceExt};
 
 use crate::pipeline::{
-    Backoff, BoxedHandler, DeadLetterLayer, DecompressLayer, DedupLayer, DedupService, DedupStore,
-    Handler, HandlerFn, MetricsLayer, RetryLayer, TraceLayer,
+    Backoff, BoxedHandler, DeadLetterLayer, DedupLayer, DedupStore, DefaultStack, Handler,
+    HandlerFn, RetryLayer, StackParts,
 };
 use crate::stats::{GroupCounters, Registry};
 use crate::validate::{validate_group, validate_topic};
@@ -363,23 +363,23 @@ impl ConsumerBuilder {
                 FailurePolicy::RetryThenDeadLetter(b) => (b.clone(), true),
                 FailurePolicy::Redeliver { .. } => (Backoff::none(), false),
             };
-            let metered = MetricsLayer::new(counters.clone()).layer(inner);
-            let decompressed = DecompressLayer.layer(metered);
-            let retried = RetryLayer::new(backoff, stop.clone(), counters.clone(), dead_letters)
-                .layer(decompressed);
-            let deduped = DedupService::optional(
-                retried,
-                self.dedup
-                    .map(|(store, window)| DedupLayer::new(store, window, group.clone())),
+            let service = DefaultStack::new(
+                inner,
+                StackParts {
+                    retry: RetryLayer::new(backoff, stop.clone(), counters.clone(), dead_letters),
+                    dead_letter: DeadLetterLayer::new(
+                        dead_letters,
+                        self.driver.clone(),
+                        self.dead_letter.clone(),
+                        counters.clone(),
+                    ),
+                    dedup: self
+                        .dedup
+                        .map(|(store, window)| DedupLayer::new(store, window, group.clone())),
+                    counters,
+                    group,
+                },
             );
-            let dead_lettered = DeadLetterLayer::new(
-                dead_letters,
-                self.driver.clone(),
-                self.dead_letter.clone(),
-                counters,
-            )
-            .layer(deduped);
-            let service = TraceLayer::new(group).layer(dead_lettered);
             let run = Runtime {
                 subscription,
                 service,

@@ -170,16 +170,11 @@ impl<F: Future<Output = Result<(), BoxError>>> Future for DeadLetterFuture<F> {
                         Ok(()) => return Poll::Ready(Ok(())),
                         Err(e) => e,
                     };
-                    let Some(layer) = layer.take().filter(|l| l.enabled) else {
+                    let Some(layer) = layer.take() else {
                         return Poll::Ready(Err(e));
                     };
-                    match e.downcast::<Exhausted>() {
-                        Ok(x) => {
-                            let publish = DeadLetterLayer::clone(&layer).publish(*x);
-                            state.set(DlState::Publishing {
-                                fut: Box::pin(publish),
-                            });
-                        }
+                    match layer.bury(e) {
+                        Ok(fut) => state.set(DlState::Publishing { fut }),
                         Err(e) => return Poll::Ready(Err(e)),
                     }
                 }
@@ -190,6 +185,19 @@ impl<F: Future<Output = Result<(), BoxError>>> Future for DeadLetterFuture<F> {
 }
 
 impl DeadLetterLayer {
+    /// For an [`Exhausted`] error (and dead letters on): the publish of its dead
+    /// letter, which resolves `Ok` once stored. Any other error comes back as is.
+    pub(crate) fn bury(
+        &self,
+        e: BoxError,
+    ) -> Result<BoxFuture<'static, Result<(), BoxError>>, BoxError> {
+        if !self.enabled {
+            return Err(e);
+        }
+        let x = e.downcast::<Exhausted>()?;
+        Ok(Box::pin(self.clone().publish(*x)))
+    }
+
     async fn publish(mut self, x: Exhausted) -> Result<(), BoxError> {
         let d = *x.delivery;
         let dlq = dead_letter_topic(self.topic.as_deref(), &d.topic);

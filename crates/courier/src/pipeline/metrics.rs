@@ -81,14 +81,19 @@ where
 
     fn call(&mut self, d: Delivery) -> Self::Future {
         let shard = self.shard(&d.topic);
-        if d.attempt <= 1 && d.timestamp > 0 && shard.sample_e2e() {
-            let age = courier_core::now_millis().saturating_sub(d.timestamp);
-            shard.e2e_latency(Duration::from_millis(age.max(0) as u64));
-        }
+        note_arrival(&shard, &d);
         MetricsFuture {
             inner: self.inner.call(d),
             shard,
         }
+    }
+}
+
+/// Records the end-to-end latency of a first attempt, for a sample of the messages.
+pub(crate) fn note_arrival(shard: &Shard, d: &Delivery) {
+    if d.attempt <= 1 && d.timestamp > 0 && shard.sample_e2e() {
+        let age = courier_core::now_millis().saturating_sub(d.timestamp);
+        shard.e2e_latency(Duration::from_millis(age.max(0) as u64));
     }
 }
 

@@ -193,7 +193,7 @@ impl<S: Clone> Layer<S> for RetryLayer {
 
 /// What a retry needs after the first attempt failed: a service to call again and
 /// the policy. One per partition worker (see [`RetryService`]'s `Clone`).
-struct Shared<S> {
+pub(crate) struct Shared<S> {
     // A clone of the first-attempt service, used only by retries, so the first
     // attempt (the hot path) takes no lock.
     inner: Mutex<S>,
@@ -210,13 +210,28 @@ pub struct RetryService<S> {
     shared: Arc<Shared<S>>,
 }
 
+impl<S> Shared<S> {
+    /// What retries of `inner` under `layer` need, for one partition worker.
+    pub(crate) fn new(inner: S, layer: RetryLayer) -> Arc<Self> {
+        Arc::new(Self {
+            inner: Mutex::new(inner),
+            layer,
+        })
+    }
+}
+
+impl RetryLayer {
+    /// True when a failed first attempt is retried or dead-lettered, so its caller
+    /// must keep a copy of the message.
+    pub(crate) fn keeps_copy(&self) -> bool {
+        self.keep_copy
+    }
+}
+
 impl<S: Clone> RetryService<S> {
     fn new(inner: S, layer: RetryLayer) -> Self {
         Self {
-            shared: Arc::new(Shared {
-                inner: Mutex::new(inner.clone()),
-                layer,
-            }),
+            shared: Shared::new(inner.clone(), layer),
             inner,
         }
     }
@@ -316,7 +331,7 @@ where
 }
 
 /// The retry loop after the first attempt failed with `e`.
-async fn retry_after_failure<S>(
+pub(crate) async fn retry_after_failure<S>(
     shared: Arc<Shared<S>>,
     mut d: Delivery,
     mut e: BoxError,

@@ -34,6 +34,12 @@ impl<S> Layer<S> for TraceLayer {
     }
 }
 
+/// True when a subscriber listens for the handler's span, so even a message without a
+/// trace context gets one (a new root). One callsite, so every path filters alike.
+pub(crate) fn span_wanted() -> bool {
+    tracing::enabled!(tracing::Level::INFO)
+}
+
 /// Extracts the message's trace context and runs the rest of the pipeline as its
 /// child span. Without a context and without a listening subscriber it adds nothing
 /// but a header scan.
@@ -58,7 +64,7 @@ where
     fn call(&mut self, d: Delivery) -> Self::Future {
         let ctx = match TraceContext::extract(&d.headers) {
             Some(parent) => Some(parent.child()),
-            None if tracing::enabled!(tracing::Level::INFO) => Some(TraceContext::new_root()),
+            None if span_wanted() => Some(TraceContext::new_root()),
             None => None,
         };
         let Some(c) = &ctx else {
