@@ -4,7 +4,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use courier::{Backoff, Client, Delivery, Error, Message};
+use courier::{Backoff, Client, Delivery, Error, Message, TraceContext};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn timeout_layer_fails_the_attempt_and_retry_recovers() {
@@ -65,11 +65,13 @@ async fn timeout_layer_fails_the_attempt_and_retry_recovers() {
         .expect("shutdown");
 }
 
-/// Retries, dead letters and counts are the same whether a message takes the fused
-/// path (no headers, no user layers) or the layered stack (it carries a header).
+/// Retries, dead letters, decompression, trace scope and counts are the same whether
+/// a message takes the fused path (no user layers, no span subscriber) or the layered
+/// stack (forced here by a user layer that does nothing).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn fused_and_layered_paths_retry_dead_letter_and_count_alike() {
-    for (name, header) in [("fused", false), ("layered", true)] {
+async fn fused_and_layered_paths_behave_alike() {
+    for layered in [false, true] {
+        let name = if layered { "layered" } else { "fused" };
         let client = Client::connect(&format!("memory://paths-{name}"))
             .await
             .expect("connect");
@@ -77,34 +79,45 @@ async fn fused_and_layered_paths_retry_dead_letter_and_count_alike() {
         let calls = Arc::new(AtomicUsize::new(0));
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         let c2 = calls.clone();
-        let c = client
+        let builder = client
             .consumer("paths.group")
             .from_earliest()
-            .retry(Backoff::exponential(2, Duration::from_millis(10)).jitter(0.0))
+            .retry(Backoff::exponential(2, Duration::from_millis(10)).jitter(0.0));
+        let builder = if layered {
+            builder.layer(tower::layer::util::Identity::new())
+        } else {
+            builder
+        };
+        let c = builder
             .start([topic.as_str()], move |d: Delivery| {
                 let (calls, tx) = (c2.clone(), tx.clone());
                 async move {
                     calls.fetch_add(1, Ordering::SeqCst);
-                    let fine = d.value.as_ref() == b"fine";
-                    if d.value.as_ref() == b"poison" || (!fine && d.attempt < 3) {
+                    let v = String::from_utf8_lossy(&d.value).into_owned();
+                    if v == "poison" || (v == "good" && d.attempt < 3) {
                         return Err(Error::backend("test", "fails"));
                     }
-                    let _ = tx.send((fine, d.attempt));
+                    let trace = TraceContext::current().map(|c| c.trace_id_hex());
+                    let _ = tx.send((v, d.attempt, trace));
                     Ok(())
                 }
             })
             .await
             .expect("subscribe");
         let producer = client.producer();
-        for value in ["fine", "good", "poison"] {
+        let parent = TraceContext::new_root();
+        for value in ["fine", "good", "poison", "corrupt", "traced"] {
             let mut m = Message::new(topic.as_str(), value).key("k");
-            if header {
-                m = m.header("x-user", "1");
+            if value == "corrupt" {
+                m = m.header("content-encoding", "lz4");
+            }
+            if value == "traced" {
+                parent.inject(&mut m.headers);
             }
             producer.send(m).await.expect("send");
         }
         let mut handled = Vec::new();
-        while handled.len() < 2 {
+        while handled.len() < 3 {
             let h = tokio::time::timeout(Duration::from_secs(10), rx.recv())
                 .await
                 .expect("handled in time")
@@ -112,12 +125,23 @@ async fn fused_and_layered_paths_retry_dead_letter_and_count_alike() {
             handled.push(h);
         }
         handled.sort();
-        assert_eq!(handled, vec![(false, 3), (true, 1)], "{name}");
+        assert_eq!(
+            handled,
+            vec![
+                ("fine".to_string(), 1, None),
+                ("good".to_string(), 3, None),
+                ("traced".to_string(), 1, Some(parent.trace_id_hex())),
+            ],
+            "{name}"
+        );
         let dlq = format!("{topic}.dlq");
         let (dtx, mut drx) = tokio::sync::mpsc::unbounded_channel();
+        // Bare: the corrupt value must reach this test as stored, not be decompressed
+        // (and dead-lettered again) by a pipeline.
         let dc = client
             .consumer("paths.dlq")
             .from_earliest()
+            .bare()
             .start([dlq.as_str()], move |d: Delivery| {
                 let dtx = dtx.clone();
                 async move {
@@ -127,25 +151,41 @@ async fn fused_and_layered_paths_retry_dead_letter_and_count_alike() {
             })
             .await
             .expect("subscribe dlq");
-        let dead = tokio::time::timeout(Duration::from_secs(10), drx.recv())
-            .await
-            .expect("dead letter in time")
-            .expect("open");
-        assert_eq!(dead.value.as_ref(), b"poison", "{name}");
-        assert_eq!(dead.key.as_deref(), Some(&b"k"[..]), "{name}");
+        let mut dead = Vec::new();
+        while dead.len() < 2 {
+            let d = tokio::time::timeout(Duration::from_secs(10), drx.recv())
+                .await
+                .expect("dead letter in time")
+                .expect("open");
+            dead.push(d);
+        }
+        dead.sort_by(|a, b| a.value.cmp(&b.value));
+        let header = |d: &Delivery, n: &str| d.headers.get(n).map(|v| v.to_vec());
+        assert_eq!(dead[0].value.as_ref(), b"corrupt", "{name}");
         assert_eq!(
-            dead.headers.get("x-retry-count").map(|v| v.as_ref()),
-            Some(&b"2"[..]),
+            header(&dead[0], "x-retry-count"),
+            Some(b"0".to_vec()),
             "{name}"
         );
         assert_eq!(
-            dead.headers.get("x-original-topic").map(|v| v.as_ref()),
-            Some(topic.as_bytes()),
+            header(&dead[0], "content-encoding"),
+            Some(b"lz4".to_vec()),
             "{name}"
         );
-        assert_eq!(dead.headers.get("x-user").is_some(), header, "{name}");
+        assert_eq!(dead[1].value.as_ref(), b"poison", "{name}");
+        assert_eq!(dead[1].key.as_deref(), Some(&b"k"[..]), "{name}");
+        assert_eq!(
+            header(&dead[1], "x-retry-count"),
+            Some(b"2".to_vec()),
+            "{name}"
+        );
+        assert_eq!(
+            header(&dead[1], "x-original-topic"),
+            Some(topic.as_bytes().to_vec()),
+            "{name}"
+        );
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-        let expect = (5, 4, 2, 1); // errors, retries, consumed, dead-lettered
+        let expect = (5, 4, 3, 2); // errors, retries, consumed, dead-lettered
         let mut s = client.stats().topic(&topic);
         while (s.consume_errors, s.retries, s.consumed, s.dead_lettered) != expect
             && tokio::time::Instant::now() < deadline
@@ -160,8 +200,8 @@ async fn fused_and_layered_paths_retry_dead_letter_and_count_alike() {
         );
         assert_eq!(
             calls.load(Ordering::SeqCst),
-            7,
-            "{name}: 1 + 3 + 3 attempts"
+            8,
+            "{name}: 1 + 3 + 3 + 1 attempts"
         );
         dc.stop().await.expect("stop dlq");
         c.stop().await.expect("stop");

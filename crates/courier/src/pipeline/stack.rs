@@ -1,12 +1,13 @@
 //! The default consumer stack, with a fused path for the common message.
 //!
-//! Most deliveries carry no headers, go to a closure without user layers, are not
-//! traced and succeed the first time. Through the layered stack such a delivery only
-//! moves through six nested futures; [`DefaultStack`] calls the handler directly,
-//! counts the outcome and keeps the copy a retry needs — what the layers would do for
-//! it, at a fraction of the cost. If that first attempt fails, the message continues
-//! in the same retry loop and dead-letter step the layers use. Every other delivery
-//! (headers, user layers, dedup, a listening span subscriber) takes the layers.
+//! Most deliveries go to a closure without user layers, with nobody listening for
+//! handler spans, and succeed the first time. Through the layered stack such a
+//! delivery mostly moves through six nested futures; [`DefaultStack`] instead does in
+//! one step what the layers would do for it — make its trace context current,
+//! decompress, count, call the handler, keep the copy a retry needs. If that first
+//! attempt fails, the message continues in the same retry loop and dead-letter step
+//! the layers use. Deliveries to user layers, with dedup on, or while a subscriber
+//! listens for spans take the layers.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -14,7 +15,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use courier_core::{BoxError, Delivery};
-use futures::future::{BoxFuture, Either};
+use futures::future::{ready, BoxFuture, Either};
 use tower::{Layer, Service};
 
 use super::dead_letter::{DeadLetterLayer, DeadLetterService};
@@ -22,9 +23,11 @@ use super::decompress::{DecompressLayer, DecompressService};
 use super::dedup::{DedupLayer, DedupService};
 use super::handler::{Handler, HandlerFn, HandlerFuture};
 use super::metrics::{note_arrival, MetricsLayer, MetricsService};
-use super::retry::{self, RetryLayer, RetryService};
+use super::retry::{self, Permanent, RetryLayer, RetryService};
 use super::trace::{span_wanted, TraceLayer, TraceService};
+use crate::compress::{decompress, HEADER_CONTENT_ENCODING};
 use crate::stats::{GroupCounters, Shard};
+use crate::trace::{scoped, TraceContext, TraceScope};
 
 /// One attempt: decompress, count, handle (what a retry calls again).
 type Attempt<H> = DecompressService<MetricsService<Handler<H>>>;
@@ -145,7 +148,10 @@ where
 {
     type Response = ();
     type Error = BoxError;
-    type Future = Either<FusedFuture<Fut, H>, <Layered<H> as Service<Delivery>>::Future>;
+    type Future = Either<
+        Either<FusedFuture<Fut, H>, TraceScope<FusedFuture<Fut, H>>>,
+        <Layered<H> as Service<Delivery>>::Future,
+    >;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         // The fused path's direct handler is always ready.
@@ -154,20 +160,60 @@ where
 
     fn call(&mut self, d: Delivery) -> Self::Future {
         match &mut self.fused {
-            Some(f) if d.headers.is_empty() && !span_wanted() => {
-                let keep = f.retry.keeps_copy();
-                let worker = f.worker(&d.topic).clone();
-                note_arrival(&worker.shard, &d);
-                let copy = keep.then(|| d.clone_message());
-                Either::Left(FusedFuture {
-                    state: FusedState::First {
-                        fut: f.handler.call(d),
-                        worker: Some(worker),
-                        copy,
-                    },
-                })
+            Some(f) if !span_wanted() => {
+                // What the trace layer does when nobody listens for spans: the
+                // handler (and its retries) run with the producer's context current.
+                let ctx = TraceContext::extract(&d.headers).map(|parent| parent.child());
+                let fut = f.call(d);
+                match ctx {
+                    None => Either::Left(Either::Left(fut)),
+                    Some(ctx) => Either::Left(Either::Right(scoped(Some(ctx), fut))),
+                }
             }
             _ => Either::Right(self.layered.call(d)),
+        }
+    }
+}
+
+impl<H, Fut, E> Fused<H>
+where
+    H: Fn(Delivery) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), E>> + Send + 'static,
+    E: Into<BoxError> + 'static,
+{
+    /// The first attempt: decompress, count, handle — keeping the original for a
+    /// retry or a dead letter.
+    fn call(&mut self, mut d: Delivery) -> FusedFuture<Fut, H> {
+        let keep = self.retry.keeps_copy();
+        let worker = self.worker(&d.topic).clone();
+        let copy = keep.then(|| d.clone_message());
+        if !d.headers.is_empty() {
+            match decompress(&d.value, &d.headers) {
+                Ok(None) => {}
+                Ok(Some(v)) => {
+                    d.value = v;
+                    d.headers.remove(HEADER_CONTENT_ENCODING);
+                }
+                Err(e) => {
+                    // Not an attempt (nothing counted): straight to the dead letters.
+                    let e: BoxError = Box::new(Permanent::new(e));
+                    let fut: BoxFuture<'static, Result<(), BoxError>> = match copy {
+                        Some(d) => Box::pin(recover(worker, d, e)),
+                        None => Box::pin(ready(Err(e))),
+                    };
+                    return FusedFuture {
+                        state: FusedState::Recovering { fut },
+                    };
+                }
+            }
+        }
+        note_arrival(&worker.shard, &d);
+        FusedFuture {
+            state: FusedState::First {
+                fut: self.handler.call(d),
+                worker: Some(worker),
+                copy,
+            },
         }
     }
 }
