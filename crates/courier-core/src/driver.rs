@@ -104,7 +104,9 @@ pub struct SubscribeSpec {
     pub session_timeout: Duration,
     /// How often acknowledged positions are committed in the background.
     pub commit_interval: Duration,
-    /// Most deliveries handed out and not yet settled, per member.
+    /// Most deliveries handed out and not yet settled, per member. The default, 8192,
+    /// lets a member of a few partitions keep reading full batches (Redis: 1000 per
+    /// partition) while the previous half is still being handled.
     pub prefetch: usize,
 }
 
@@ -117,7 +119,7 @@ impl SubscribeSpec {
             auto_offset_reset: OffsetReset::Latest,
             session_timeout: Duration::from_secs(10),
             commit_interval: Duration::from_secs(1),
-            prefetch: 4096,
+            prefetch: 8192,
         }
     }
 }

@@ -264,7 +264,7 @@ impl Reader {
         for (key, entries) in streams(reply) {
             by_key.insert(key, entries);
         }
-        let mut out = Vec::new();
+        let mut out = Vec::with_capacity(by_key.values().map(Vec::len).sum());
         let mut parts = self.shared.parts();
         for a in asks {
             let entries = by_key.remove(a.key.as_bytes()).unwrap_or_default();
