@@ -32,7 +32,50 @@ thread_local! {
     // Set only while a `TraceScope` polls its future, so it follows the task across
     // worker threads the way a tokio task-local does, at the cost of two cell swaps
     // per poll instead of a `RefCell` dance (this runs for every traced message).
-    static CURRENT: Cell<Option<TraceContext>> = const { Cell::new(None) };
+    static CURRENT: Cell<Option<Ambient>> = const { Cell::new(None) };
+}
+
+/// What a scope makes current: a context, or a consumed message's version-00
+/// `traceparent` whose child context is made (parsed, given a span id) only when
+/// somebody asks — most handlers never do, and parsing was most of the cost of
+/// consuming a traced message.
+#[derive(Clone, Copy)]
+enum Ambient {
+    Ready(TraceContext),
+    ChildOf([u8; TRACEPARENT_LEN]),
+}
+
+impl Ambient {
+    fn resolve(self) -> Option<TraceContext> {
+        match self {
+            Ambient::Ready(t) => Some(t),
+            Ambient::ChildOf(raw) => TraceContext::parse_traceparent_bytes(&raw).map(|p| p.child()),
+        }
+    }
+}
+
+/// A consumed message's trace context as the handler's: a child of the producer's.
+/// Equal to `TraceContext::extract(headers).map(|p| p.child())`, except that a
+/// version-00 `traceparent` is parsed only if the context is asked for.
+pub(crate) struct Inherited(Ambient);
+
+impl Inherited {
+    /// `None` when the headers carry no trace context.
+    pub(crate) fn from_headers(headers: &Headers) -> Option<Self> {
+        if headers.is_empty() {
+            return None;
+        }
+        if let Some(raw) = headers
+            .get_ignore_case(HEADER_TRACEPARENT)
+            .map(|v| v.trim_ascii())
+            .filter(|b| has_v00_shape(b))
+        {
+            let mut copy = [0u8; TRACEPARENT_LEN];
+            copy.copy_from_slice(raw);
+            return Some(Self(Ambient::ChildOf(copy)));
+        }
+        TraceContext::extract(headers).map(|p| Self(Ambient::Ready(p.child())))
+    }
 }
 
 /// One span's position in a distributed trace.
@@ -90,7 +133,19 @@ impl TraceContext {
     /// The context the current task runs in (inside a handler: the consumed
     /// message's, as a child span), if any.
     pub fn current() -> Option<Self> {
-        CURRENT.try_with(Cell::get).ok().flatten()
+        CURRENT
+            .try_with(|c| {
+                let ambient = c.get()?;
+                let ctx = ambient.resolve();
+                if let Ambient::ChildOf(_) = ambient {
+                    // Resolved once: the scope keeps it, so the span id stays the same
+                    // for the rest of the handler.
+                    c.set(ctx.map(Ambient::Ready));
+                }
+                ctx
+            })
+            .ok()
+            .flatten()
     }
 
     /// Runs `fut` with `self` as the current context, so sends inside it continue
@@ -156,16 +211,18 @@ impl TraceContext {
     }
 
     /// Reads the context a producer injected: `traceparent` first (W3C / OTel), then
-    /// the seeds' `x-trace-id` / `X-Trace-ID` with `x-span-id` and `x-sampled`.
+    /// the seeds' `x-trace-id` / `X-Trace-ID` with `x-span-id` and `x-sampled`. A
+    /// `traceparent` shaped as version 00 decides alone: if its digits are invalid
+    /// there is no context (W3C: ignore it), not a fallback to the other headers.
     pub fn extract(headers: &Headers) -> Option<Self> {
         if headers.is_empty() {
             return None;
         }
-        if let Some(tp) = headers
-            .get_ignore_case(HEADER_TRACEPARENT)
-            .and_then(|v| Self::parse_traceparent_bytes(v))
-        {
-            return Some(tp);
+        if let Some(v) = headers.get_ignore_case(HEADER_TRACEPARENT) {
+            let tp = Self::parse_traceparent_bytes(v);
+            if tp.is_some() || has_v00_shape(v.trim_ascii()) {
+                return tp;
+            }
         }
         let trace = headers
             .get_ignore_case(HEADER_TRACE_ID)
@@ -209,6 +266,11 @@ impl fmt::Display for TraceContext {
 
 /// Length of a version-00 `traceparent`.
 const TRACEPARENT_LEN: usize = 55;
+
+/// `vv-<32>-<16>-ff` by length and dashes (digits not checked).
+fn has_v00_shape(b: &[u8]) -> bool {
+    b.len() == TRACEPARENT_LEN && b[2] == b'-' && b[35] == b'-' && b[52] == b'-'
+}
 
 /// Hex digit values, `INVALID` for every other byte.
 const HEX: [u8; 256] = {
@@ -258,7 +320,18 @@ fn parse_hex_u128(digits: &[u8]) -> Option<u128> {
 
 /// Runs `fut` with `ctx` (or none) as the current context.
 pub(crate) fn scoped<F: Future>(ctx: Option<TraceContext>, fut: F) -> TraceScope<F> {
-    TraceScope { ctx, fut }
+    TraceScope {
+        ctx: ctx.map(Ambient::Ready),
+        fut,
+    }
+}
+
+/// Runs `fut` with a consumed message's context as the current one.
+pub(crate) fn inherit<F: Future>(ctx: Inherited, fut: F) -> TraceScope<F> {
+    TraceScope {
+        ctx: Some(ctx.0),
+        fut,
+    }
 }
 
 pin_project_lite::pin_project! {
@@ -266,7 +339,7 @@ pin_project_lite::pin_project! {
     /// [`TraceContext::scope`]): [`TraceContext::current`] inside it returns that
     /// context; outside, the one around it again.
     pub struct TraceScope<F> {
-        ctx: Option<TraceContext>,
+        ctx: Option<Ambient>,
         #[pin]
         fut: F,
     }
@@ -276,16 +349,25 @@ impl<F: Future> Future for TraceScope<F> {
     type Output = F::Output;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
-        /// Puts the outer context back, also when the inner poll panics.
-        struct Restore(Option<TraceContext>);
-        impl Drop for Restore {
+        /// Puts the outer context back, also when the inner poll panics, and keeps
+        /// this scope's (resolved by `current` meanwhile, perhaps) for the next poll.
+        struct Restore<'a> {
+            outer: Option<Ambient>,
+            ours: &'a mut Option<Ambient>,
+        }
+        impl Drop for Restore<'_> {
             fn drop(&mut self) {
-                let _ = CURRENT.try_with(|c| c.set(self.0));
+                if let Ok(ours) = CURRENT.try_with(|c| c.replace(self.outer)) {
+                    *self.ours = ours;
+                }
             }
         }
         let this = self.project();
         let outer = CURRENT.try_with(|c| c.replace(*this.ctx)).ok().flatten();
-        let _restore = Restore(outer);
+        let _restore = Restore {
+            outer,
+            ours: this.ctx,
+        };
         this.fut.poll(cx)
     }
 }
@@ -387,5 +469,49 @@ mod tests {
         h.remove("traceparent");
         let got = TraceContext::extract(&h).expect("extract");
         assert_eq!((got.trace_id, got.span_id), (child.trace_id, child.span_id));
+    }
+
+    #[tokio::test]
+    async fn inherited_context_resolves_once_and_stays_across_polls() {
+        let parent = TraceContext::new_root();
+        let mut h = Headers::new();
+        parent.inject(&mut h);
+        let ctx = Inherited::from_headers(&h).expect("traced");
+        inherit(ctx, async {
+            let first = TraceContext::current().expect("current");
+            assert_eq!(first.trace_id, parent.trace_id);
+            assert_eq!(first.parent_span_id, Some(parent.span_id));
+            assert_ne!(first.span_id, parent.span_id);
+            tokio::task::yield_now().await;
+            assert_eq!(
+                TraceContext::current(),
+                Some(first),
+                "same span after a poll"
+            );
+        })
+        .await;
+        assert_eq!(TraceContext::current(), None);
+        assert!(Inherited::from_headers(&Headers::new()).is_none());
+    }
+
+    #[test]
+    fn a_v00_traceparent_decides_alone() {
+        let root = TraceContext::new_root();
+        let mut h = Headers::new();
+        root.inject(&mut h);
+        // Valid shape, bad digits: no context, no fallback to x-trace-id.
+        h.insert(
+            "traceparent",
+            "00-zz000000000000000000000000000000-00f067aa0ba902b7-01",
+        );
+        assert_eq!(TraceContext::extract(&h), None);
+        let lazy = Inherited::from_headers(&h).expect("shape is enough to defer");
+        assert_eq!(lazy.0.resolve(), None);
+        // Another shape falls back to the seeds' headers, eagerly as before.
+        h.insert("traceparent", "garbage");
+        let got = TraceContext::extract(&h).expect("fallback");
+        assert_eq!(got.trace_id, root.trace_id);
+        let inherited = Inherited::from_headers(&h).expect("fallback").0.resolve();
+        assert_eq!(inherited.map(|c| c.trace_id), Some(root.trace_id));
     }
 }

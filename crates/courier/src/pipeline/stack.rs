@@ -27,7 +27,7 @@ use super::retry::{self, Permanent, RetryLayer, RetryService};
 use super::trace::{span_wanted, TraceLayer, TraceService};
 use crate::compress::{decompress, HEADER_CONTENT_ENCODING};
 use crate::stats::{GroupCounters, Shard};
-use crate::trace::{scoped, TraceContext, TraceScope};
+use crate::trace::{inherit, Inherited, TraceScope};
 
 /// One attempt: decompress, count, handle (what a retry calls again).
 type Attempt<H> = DecompressService<MetricsService<Handler<H>>>;
@@ -163,11 +163,11 @@ where
             Some(f) if !span_wanted() => {
                 // What the trace layer does when nobody listens for spans: the
                 // handler (and its retries) run with the producer's context current.
-                let ctx = TraceContext::extract(&d.headers).map(|parent| parent.child());
+                let ctx = Inherited::from_headers(&d.headers);
                 let fut = f.call(d);
                 match ctx {
                     None => Either::Left(Either::Left(fut)),
-                    Some(ctx) => Either::Left(Either::Right(scoped(Some(ctx), fut))),
+                    Some(ctx) => Either::Left(Either::Right(inherit(ctx, fut))),
                 }
             }
             _ => Either::Right(self.layered.call(d)),
