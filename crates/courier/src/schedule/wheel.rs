@@ -32,8 +32,9 @@
 //! of level L are due before all of level L+1: the earliest entry is in the lowest
 //! occupied bucket of the lowest occupied level. Moving `elapsed` to the start of that
 //! bucket keeps every other entry's placement valid, and re-placing the bucket's own
-//! entries puts them on lower levels; a level-0 bucket is one millisecond, and goes to
-//! the ready heap whole.
+//! entries puts them on lower levels. A bucket whose entries share one due time (any
+//! level-0 bucket: one millisecond; or a backlog scheduled for one instant) goes to
+//! the ready heap whole, a large one becoming that heap in place.
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
@@ -57,6 +58,9 @@ const LEVELS: usize = 64_usize.div_ceil(BITS as usize);
 /// next entries of that bucket); a larger one is freed.
 const KEEP_CAPACITY: usize = 256;
 
+/// The ready heap keeps its allocation, once empty, up to this many entries.
+const KEEP_READY: usize = 4096;
+
 /// A due time as an unsigned key with the same order.
 fn key(due: i64) -> u64 {
     (due as u64) ^ (1 << 63)
@@ -72,6 +76,8 @@ struct Level<T> {
     occupied: u64,
     /// Earliest key per occupied bucket.
     min: [u64; SLOTS],
+    /// Latest key per occupied bucket.
+    max: [u64; SLOTS],
     buckets: [Vec<T>; SLOTS],
 }
 
@@ -80,6 +86,7 @@ impl<T> Level<T> {
         Self {
             occupied: 0,
             min: [u64::MAX; SLOTS],
+            max: [0; SLOTS],
             buckets: std::array::from_fn(|_| Vec::new()),
         }
     }
@@ -129,6 +136,7 @@ impl<T: Timed> Wheel<T> {
                 *bucket = Vec::new();
             }
             level.min = [u64::MAX; SLOTS];
+            level.max = [0; SLOTS];
             level.occupied = 0;
         }
         self.ready = BinaryHeap::new();
@@ -169,6 +177,9 @@ impl<T: Timed> Wheel<T> {
                 }
                 let Reverse(t) = self.ready.pop()?;
                 self.len -= 1;
+                if self.ready.is_empty() && self.ready.capacity() > KEEP_READY {
+                    self.ready = BinaryHeap::new();
+                }
                 return Some(t);
             }
             let (l, s) = self.earliest()?;
@@ -203,15 +214,38 @@ impl<T: Timed> Wheel<T> {
         if k < level.min[s] {
             level.min[s] = k;
         }
+        if k > level.max[s] {
+            level.max[s] = k;
+        }
     }
 
-    /// Reaches bucket `s` of level `l` (the earliest, and due): moves the wheel's time
-    /// to its start and its entries a level down, or to `ready` from level 0.
+    /// Reaches bucket `s` of level `l` (the earliest, and due; `ready` is empty):
+    /// moves the wheel's time to its start and its entries a level down, or to
+    /// `ready` when they are all due at one time (always so on level 0).
     fn open(&mut self, l: usize, s: usize) {
+        debug_assert!(self.ready.is_empty());
         let level = &mut self.levels[l];
         let mut bucket = std::mem::take(&mut level.buckets[s]);
         level.occupied &= !(1 << s);
+        let (min, max) = (level.min[s], level.max[s]);
         level.min[s] = u64::MAX;
+        level.max[s] = 0;
+        if min == max {
+            // One due time (a backlog scheduled for one instant, or any level-0
+            // bucket): all of it is the earliest, and due. Every other entry is
+            // later and shares the digits above `l` with `min`.
+            debug_assert!(min >= self.elapsed);
+            self.elapsed = min;
+            self.drained = true;
+            if bucket.capacity() > KEEP_CAPACITY {
+                // Large: becomes the heap in place (no second copy).
+                self.ready = BinaryHeap::from(bucket.into_iter().map(Reverse).collect::<Vec<_>>());
+            } else {
+                self.ready.extend(bucket.drain(..).map(Reverse));
+                self.levels[l].buckets[s] = bucket;
+            }
+            return;
+        }
         let shift = l as u32 * BITS;
         // Digits above level `l` are those of `elapsed`; the digit of `l` is `s`.
         let above = shift + BITS;
@@ -221,18 +255,12 @@ impl<T: Timed> Wheel<T> {
             (self.elapsed >> above) << above
         };
         let start = high | ((s as u64) << shift);
-        debug_assert!(start >= self.elapsed);
+        debug_assert!(l > 0 && start >= self.elapsed);
         self.elapsed = start;
-        if l == 0 {
-            // One millisecond: all of it is due at once.
-            self.drained = true;
-            self.ready.extend(bucket.drain(..).map(Reverse));
-        } else {
-            self.drained = false;
-            for item in bucket.drain(..) {
-                let k = key(item.due());
-                self.place(k, item);
-            }
+        self.drained = false;
+        for item in bucket.drain(..) {
+            let k = key(item.due());
+            self.place(k, item);
         }
         if bucket.capacity() <= KEEP_CAPACITY {
             // Nothing lands in the bucket just opened: its entries went down a level.
@@ -504,6 +532,48 @@ mod tests {
             });
             assert_eq!(a, b, "seed {seed}");
         }
+    }
+
+    #[test]
+    fn a_backlog_due_at_one_instant() {
+        let mut w = Wheel::new(T0);
+        let due = T0 + 3_600_000;
+        let n = 10_000;
+        for id in (0..n).rev() {
+            w.push(Item { due, id });
+        }
+        w.push(Item {
+            due: due + 1,
+            id: 0,
+        });
+        w.push(Item {
+            due: due + 100_000,
+            id: 0,
+        });
+        assert_eq!(w.next_due(), Some(due));
+        assert_eq!(w.pop_due(due - 1), None);
+        let first: Vec<u64> = (0..10)
+            .filter_map(|_| w.pop_due(due))
+            .map(|i| i.id)
+            .collect();
+        assert_eq!(first, (0..10).collect::<Vec<_>>());
+        // More of the same instant, and earlier, while it drains.
+        w.push(Item { due, id: 5 });
+        w.push(Item {
+            due: due - 7,
+            id: n,
+        });
+        assert_eq!(w.pop_due(due).map(|i| (i.due, i.id)), Some((due - 7, n)));
+        let rest: Vec<u64> = drain(&mut w, due).iter().map(|i| i.id).collect();
+        let mut expect: Vec<u64> = (10..n).collect();
+        expect.insert(0, 5);
+        assert_eq!(rest, expect);
+        assert_eq!(w.len(), 2);
+        // The drained heap let go of its allocation.
+        assert!(w.ready.capacity() <= KEEP_READY);
+        assert_eq!(w.next_due(), Some(due + 1));
+        assert_eq!(drain(&mut w, due + 100_000).len(), 2);
+        assert!(w.is_empty());
     }
 
     #[test]
