@@ -20,7 +20,8 @@
 //!   next pop.
 //! - **Cost.** `push` is O(1) (a `Vec` push into a bucket; a push that is already due
 //!   goes to the ready heap, O(1) on average); `pop_due` is O(log k) for the k entries
-//!   due in the current millisecond, plus the moves above amortised over the entries.
+//!   in the ready heap (those of the due time reached, and those pushed already due),
+//!   plus the moves above amortised over the entries.
 //!   Memory is the entries themselves in `Vec` buckets (no per-entry allocation: a
 //!   24-byte slot costs 24 bytes plus `Vec` growth slack), plus a fixed ~28 KiB of
 //!   bucket headers.
