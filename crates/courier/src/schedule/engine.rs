@@ -1,8 +1,7 @@
 //! The scheduler member's loop: ingest schedule-log deliveries into an index ordered
 //! by due time, move what is due, check back halves.
 
-use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,6 +13,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::wheel::{Timed, Wheel};
 use super::wire::{self, Kind};
 use super::{ScheduleOptions, Scheduler};
 use crate::txn::{HalfMessage, TxnDecision};
@@ -41,6 +41,12 @@ struct Slot {
     /// overtaken by a rewind or rebalance and is dropped when it surfaces.
     gen: u32,
     offset: u64,
+}
+
+impl Timed for Slot {
+    fn due(&self) -> i64 {
+        self.due
+    }
 }
 
 /// How the slots of one schedule-log partition are settled: one acker and token
@@ -133,8 +139,9 @@ pub(crate) struct Engine {
     /// `(due ms, arrival)` → entry; arrival keeps equal due times in log order.
     /// Halves, and delayed messages on backends that cannot read by position.
     index: BTreeMap<(i64, u64), Entry>,
-    /// Delayed messages on backends that read by position, earliest due first.
-    heap: BinaryHeap<Reverse<Slot>>,
+    /// Delayed messages on backends that read by position, earliest due first (equal
+    /// due times in `Slot` order, as a min-heap would pop them).
+    wheel: Wheel<Slot>,
     lanes: HashMap<u32, Lane>,
     /// Last lane generation per partition (kept when a lane goes).
     gens: HashMap<u32, u32>,
@@ -185,7 +192,7 @@ impl Engine {
             by_position,
             intents_on,
             index: BTreeMap::new(),
-            heap: BinaryHeap::new(),
+            wheel: Wheel::new(now_millis()),
             lanes: HashMap::new(),
             gens: HashMap::new(),
             parked_slots: HashMap::new(),
@@ -212,7 +219,7 @@ impl Engine {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
             self.sched.pending.store(
-                self.index.len() + self.heap.len(),
+                self.index.len() + self.wheel.len(),
                 std::sync::atomic::Ordering::Relaxed,
             );
             let next = self.next_due();
@@ -238,7 +245,7 @@ impl Engine {
         // Unsettled entries are dropped (nacked) before the subscription closes and
         // commits, so they come back to the next member.
         self.index.clear();
-        self.heap.clear();
+        self.wheel.clear();
         {
             let mut book = self.sched.book.lock();
             book.halves.clear();
@@ -403,7 +410,7 @@ impl Engine {
                 if moved.contains(&s.offset) {
                     lane.ack(p, s.offset);
                 } else {
-                    self.heap.push(Reverse(s));
+                    self.wheel.push(s);
                 }
             }
         }
@@ -652,7 +659,7 @@ impl Engine {
 
     fn admit_slot(&mut self, s: Slot) {
         if self.greeted.contains(&s.partition) {
-            self.heap.push(Reverse(s));
+            self.wheel.push(s);
         } else {
             self.parked_slots.entry(s.partition).or_default().push(s);
         }
@@ -664,7 +671,7 @@ impl Engine {
 
     /// Earliest due time in either index.
     fn next_due(&self) -> Option<i64> {
-        let h = self.heap.peek().map(|Reverse(s)| s.due);
+        let h = self.wheel.next_due();
         let i = self.index.first_key_value().map(|((due, _), _)| *due);
         match (h, i) {
             (Some(a), Some(b)) => Some(a.min(b)),
@@ -693,11 +700,7 @@ impl Engine {
         let mut slots = Vec::new();
         let mut due = Vec::new();
         while slots.len() + due.len() < MOVE_BATCH {
-            let h = self
-                .heap
-                .peek()
-                .map(|Reverse(s)| s.due)
-                .filter(|d| *d <= now);
+            let h = self.wheel.next_due().filter(|d| *d <= now);
             let i = self
                 .index
                 .first_key_value()
@@ -705,7 +708,10 @@ impl Engine {
                 .filter(|d| *d <= now);
             match (h, i) {
                 (Some(a), Some(b)) if b < a => due.extend(self.index.pop_first().map(|(_, e)| e)),
-                (Some(_), _) => slots.extend(self.heap.pop().map(|Reverse(s)| s)),
+                (Some(_), _) => match self.wheel.pop_due(now) {
+                    Some(s) => slots.push(s),
+                    None => break,
+                },
                 (None, Some(_)) => due.extend(self.index.pop_first().map(|(_, e)| e)),
                 (None, None) => break,
             }
@@ -737,10 +743,10 @@ impl Engine {
                     None => self.settle(Settle::Slot(s)),
                 },
                 None if failed.contains(&s.partition) => {
-                    self.heap.push(Reverse(Slot {
+                    self.wheel.push(Slot {
                         due: now + RETRY_AFTER_MS,
                         ..s
-                    }));
+                    });
                 }
                 None => {
                     tracing::error!(
@@ -869,10 +875,10 @@ impl Engine {
                 tracing::warn!(error = %e, count = settles.len(), "scheduler: moving due messages failed; retrying");
                 for (s, r) in settles.into_iter().zip(backup) {
                     match (s, r) {
-                        (Settle::Slot(s), _) => self.heap.push(Reverse(Slot {
+                        (Settle::Slot(s), _) => self.wheel.push(Slot {
                             due: now + RETRY_AFTER_MS,
                             ..s
-                        })),
+                        }),
                         (Settle::Entry(pos, ack), Some(r)) => {
                             self.insert_delay(now + RETRY_AFTER_MS, pos, Body::Target(r), ack)
                         }

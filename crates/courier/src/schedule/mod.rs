@@ -12,6 +12,7 @@
 //! `memory://`) the index keeps only the entry's position, not its payload.
 
 mod engine;
+mod wheel;
 pub(crate) mod wire;
 
 use std::collections::HashSet;
