@@ -271,9 +271,22 @@ pub struct Record {
 impl Record {
     /// Builds a record from a message, assigning an id and timestamp when absent.
     pub fn from_message(msg: Message) -> Self {
+        let (id, timestamp) = match (msg.id, msg.timestamp) {
+            (Some(id), Some(ts)) => (id, ts),
+            (id, ts) => {
+                // One clock read for both: the id's time part is the timestamp.
+                let now = SystemTime::now();
+                let ms = now
+                    .duration_since(UNIX_EPOCH)
+                    .map(|d| d.as_millis() as i64)
+                    .unwrap_or(0);
+                let id = id.unwrap_or_else(|| ulid::Ulid::from_datetime(now).to_string());
+                (id, ts.unwrap_or(ms))
+            }
+        };
         Self {
-            id: msg.id.unwrap_or_else(|| ulid::Ulid::new().to_string()),
-            timestamp: msg.timestamp.unwrap_or_else(now_millis),
+            id,
+            timestamp,
             topic: msg.topic,
             partition: msg.partition,
             key: msg.key,

@@ -424,20 +424,17 @@ async fn dispatch(inner: &Arc<Inner>, permits: &Arc<Semaphore>, batch: Vec<Pendi
                 let mut run = 0u64;
                 for ((tx, r), at) in txs.into_iter().zip(receipts).zip(started) {
                     // One registry lookup per run of one topic, not per message.
-                    let c = match &counters {
-                        Some(c) if **c.topic() == *r.topic => c.clone(),
-                        _ => {
-                            if let Some(prev) = &counters {
-                                prev.sent(run);
-                            }
-                            run = 0;
-                            let c = stats.counters(&r.topic, None);
-                            counters = Some(c.clone());
-                            c
+                    if counters.as_ref().is_none_or(|c| **c.topic() != *r.topic) {
+                        if let Some(prev) = &counters {
+                            prev.sent(run);
                         }
-                    };
+                        run = 0;
+                        counters = Some(stats.counters(&r.topic, None));
+                    }
+                    if let Some(c) = &counters {
+                        c.send_latency(done.saturating_duration_since(at));
+                    }
                     run += 1;
-                    c.send_latency(done.saturating_duration_since(at));
                     let _ = tx.send(Ok(r));
                 }
                 if let Some(c) = counters {
