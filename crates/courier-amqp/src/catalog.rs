@@ -115,12 +115,31 @@ pub async fn append(shared: &Shared, e: &Entry) -> Result<()> {
     Ok(())
 }
 
-/// Reads the whole catalog.
+/// Reads the whole catalog. Connection-level failures are retried (bounded by
+/// [`READ_TIMEOUT`]): right after a broker restart a stream that exists may not have
+/// started yet, and the broker answers a consume with a hard error
+/// (`stream_not_found`) that closes the connection.
 pub async fn read(shared: &Shared) -> Result<State> {
-    tokio::time::timeout(READ_TIMEOUT, read_inner(shared))
+    let attempts = async {
+        let mut wait = Duration::from_millis(100);
+        loop {
+            match read_inner(shared).await {
+                Err(e @ Error::Connection { .. }) if wait <= READ_RETRY_MAX_WAIT => {
+                    tracing::debug!(error = %e, ?wait, "catalog read failed; retrying");
+                    tokio::time::sleep(wait).await;
+                    wait *= 2;
+                }
+                r => return r,
+            }
+        }
+    };
+    tokio::time::timeout(READ_TIMEOUT, attempts)
         .await
         .map_err(|_| Error::Timeout(READ_TIMEOUT))?
 }
+
+/// Longest wait between catalog read attempts (100 ms doubling: 5 retries, ≈ 3 s).
+const READ_RETRY_MAX_WAIT: Duration = Duration::from_millis(1600);
 
 async fn read_inner(shared: &Shared) -> Result<State> {
     let ch = shared.channel().await?;

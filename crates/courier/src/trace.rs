@@ -35,46 +35,32 @@ thread_local! {
     static CURRENT: Cell<Option<Ambient>> = const { Cell::new(None) };
 }
 
-/// What a scope makes current: a context, or a consumed message's version-00
-/// `traceparent` whose child context is made (parsed, given a span id) only when
-/// somebody asks — most handlers never do, and parsing was most of the cost of
-/// consuming a traced message.
-#[derive(Clone, Copy)]
+/// What a scope makes current: a context, or a consumed message's headers whose child
+/// context is made (extracted, given a span id) only when somebody asks — most
+/// handlers never do, and reading the headers was most of the cost of consuming a
+/// traced message.
 enum Ambient {
     Ready(TraceContext),
-    ChildOf([u8; TRACEPARENT_LEN]),
+    ChildOf(Headers),
 }
 
 impl Ambient {
-    fn resolve(self) -> Option<TraceContext> {
+    fn resolve(&self) -> Option<TraceContext> {
         match self {
-            Ambient::Ready(t) => Some(t),
-            Ambient::ChildOf(raw) => TraceContext::parse_traceparent_bytes(&raw).map(|p| p.child()),
+            Ambient::Ready(t) => Some(*t),
+            Ambient::ChildOf(h) => TraceContext::extract(h).map(|p| p.child()),
         }
     }
 }
 
-/// A consumed message's trace context as the handler's: a child of the producer's.
-/// Equal to `TraceContext::extract(headers).map(|p| p.child())`, except that a
-/// version-00 `traceparent` is parsed only if the context is asked for.
+/// A consumed message's trace context as the handler's: a child of the producer's,
+/// i.e. `TraceContext::extract(headers).map(|p| p.child())`, worked out on first use.
 pub(crate) struct Inherited(Ambient);
 
 impl Inherited {
-    /// `None` when the headers carry no trace context.
+    /// `None` when there are no headers (so certainly no context).
     pub(crate) fn from_headers(headers: &Headers) -> Option<Self> {
-        if headers.is_empty() {
-            return None;
-        }
-        if let Some(raw) = headers
-            .get_ignore_case(HEADER_TRACEPARENT)
-            .map(|v| v.trim_ascii())
-            .filter(|b| has_v00_shape(b))
-        {
-            let mut copy = [0u8; TRACEPARENT_LEN];
-            copy.copy_from_slice(raw);
-            return Some(Self(Ambient::ChildOf(copy)));
-        }
-        TraceContext::extract(headers).map(|p| Self(Ambient::Ready(p.child())))
+        (!headers.is_empty()).then(|| Self(Ambient::ChildOf(headers.clone())))
     }
 }
 
@@ -135,13 +121,14 @@ impl TraceContext {
     pub fn current() -> Option<Self> {
         CURRENT
             .try_with(|c| {
-                let ambient = c.get()?;
+                let ambient = c.take()?;
                 let ctx = ambient.resolve();
-                if let Ambient::ChildOf(_) = ambient {
-                    // Resolved once: the scope keeps it, so the span id stays the same
-                    // for the rest of the handler.
-                    c.set(ctx.map(Ambient::Ready));
-                }
+                // Resolved once: the scope keeps the result, so the span id stays the
+                // same for the rest of the handler.
+                c.set(match ambient {
+                    Ambient::Ready(_) => Some(ambient),
+                    Ambient::ChildOf(_) => ctx.map(Ambient::Ready),
+                });
                 ctx
             })
             .ok()
@@ -211,18 +198,16 @@ impl TraceContext {
     }
 
     /// Reads the context a producer injected: `traceparent` first (W3C / OTel), then
-    /// the seeds' `x-trace-id` / `X-Trace-ID` with `x-span-id` and `x-sampled`. A
-    /// `traceparent` shaped as version 00 decides alone: if its digits are invalid
-    /// there is no context (W3C: ignore it), not a fallback to the other headers.
+    /// the seeds' `x-trace-id` / `X-Trace-ID` with `x-span-id` and `x-sampled`.
     pub fn extract(headers: &Headers) -> Option<Self> {
         if headers.is_empty() {
             return None;
         }
-        if let Some(v) = headers.get_ignore_case(HEADER_TRACEPARENT) {
-            let tp = Self::parse_traceparent_bytes(v);
-            if tp.is_some() || has_v00_shape(v.trim_ascii()) {
-                return tp;
-            }
+        if let Some(tp) = headers
+            .get_ignore_case(HEADER_TRACEPARENT)
+            .and_then(|v| Self::parse_traceparent_bytes(v))
+        {
+            return Some(tp);
         }
         let trace = headers
             .get_ignore_case(HEADER_TRACE_ID)
@@ -266,11 +251,6 @@ impl fmt::Display for TraceContext {
 
 /// Length of a version-00 `traceparent`.
 const TRACEPARENT_LEN: usize = 55;
-
-/// `vv-<32>-<16>-ff` by length and dashes (digits not checked).
-fn has_v00_shape(b: &[u8]) -> bool {
-    b.len() == TRACEPARENT_LEN && b[2] == b'-' && b[35] == b'-' && b[52] == b'-'
-}
 
 /// Hex digit values, `INVALID` for every other byte.
 const HEX: [u8; 256] = {
@@ -357,13 +337,16 @@ impl<F: Future> Future for TraceScope<F> {
         }
         impl Drop for Restore<'_> {
             fn drop(&mut self) {
-                if let Ok(ours) = CURRENT.try_with(|c| c.replace(self.outer)) {
+                if let Ok(ours) = CURRENT.try_with(|c| c.replace(self.outer.take())) {
                     *self.ours = ours;
                 }
             }
         }
         let this = self.project();
-        let outer = CURRENT.try_with(|c| c.replace(*this.ctx)).ok().flatten();
+        let outer = CURRENT
+            .try_with(|c| c.replace(this.ctx.take()))
+            .ok()
+            .flatten();
         let _restore = Restore {
             outer,
             ours: this.ctx,
@@ -495,23 +478,28 @@ mod tests {
     }
 
     #[test]
-    fn a_v00_traceparent_decides_alone() {
+    fn inherited_context_falls_back_like_extract() {
         let root = TraceContext::new_root();
         let mut h = Headers::new();
         root.inject(&mut h);
-        // Valid shape, bad digits: no context, no fallback to x-trace-id.
         h.insert(
             "traceparent",
             "00-zz000000000000000000000000000000-00f067aa0ba902b7-01",
         );
-        assert_eq!(TraceContext::extract(&h), None);
-        let lazy = Inherited::from_headers(&h).expect("shape is enough to defer");
-        assert_eq!(lazy.0.resolve(), None);
-        // Another shape falls back to the seeds' headers, eagerly as before.
-        h.insert("traceparent", "garbage");
-        let got = TraceContext::extract(&h).expect("fallback");
-        assert_eq!(got.trace_id, root.trace_id);
-        let inherited = Inherited::from_headers(&h).expect("fallback").0.resolve();
-        assert_eq!(inherited.map(|c| c.trace_id), Some(root.trace_id));
+        let eager = TraceContext::extract(&h).expect("x-trace-id fallback");
+        let lazy = Inherited::from_headers(&h).expect("headers").0.resolve();
+        assert_eq!(eager.trace_id, root.trace_id);
+        assert_eq!(
+            lazy.map(|c| (c.trace_id, c.parent_span_id)),
+            Some((root.trace_id, Some(eager.span_id)))
+        );
+        let plain: Headers = [("x-user", "1")].into_iter().collect();
+        assert_eq!(
+            Inherited::from_headers(&plain)
+                .expect("headers")
+                .0
+                .resolve(),
+            None
+        );
     }
 }
