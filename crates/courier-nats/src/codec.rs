@@ -33,15 +33,22 @@ fn plain_name(n: &str) -> bool {
         && !n.starts_with("Nats-")
 }
 
+/// One of Courier's own header names, neither validated nor copied: a name given as
+/// `&str` is validated, looked up among the standard names and copied into a new
+/// buffer on every insert (three times per published message).
+fn name(static_name: &'static str) -> HeaderName {
+    HeaderName::from_static(static_name)
+}
+
 /// The NATS headers of `r`.
 pub(crate) fn encode(r: &Record) -> HeaderMap {
     let mut h = HeaderMap::new();
-    h.insert(ID, HeaderValue::from(r.id.as_str()));
-    h.insert(TIMESTAMP, HeaderValue::from(r.timestamp));
+    h.insert(name(ID), HeaderValue::from(r.id.as_str()));
+    h.insert(name(TIMESTAMP), HeaderValue::from(r.timestamp));
     if let Some(k) = &r.key {
         match text_value(k) {
-            Some(s) => h.insert(KEY, HeaderValue::from(s)),
-            None => h.insert(KEY_B64, HeaderValue::from(B64.encode(k))),
+            Some(s) => h.insert(name(KEY), HeaderValue::from(s)),
+            None => h.insert(name(KEY_B64), HeaderValue::from(B64.encode(k))),
         }
     }
     let mut odd: Vec<(&str, &[u8])> = Vec::new();
@@ -56,7 +63,7 @@ pub(crate) fn encode(r: &Record) -> HeaderMap {
     }
     if !odd.is_empty() {
         if let Ok(json) = serde_json::to_vec(&odd) {
-            h.insert(HEADERS_B64, HeaderValue::from(B64.encode(json)));
+            h.insert(name(HEADERS_B64), HeaderValue::from(B64.encode(json)));
         }
     }
     h
