@@ -40,16 +40,26 @@ where
     }
 
     fn call(&mut self, mut d: Delivery) -> Self::Future {
-        if !d.headers.is_empty() {
-            match decompress(&d.value, &d.headers) {
-                Ok(None) => {}
-                Ok(Some(v)) => {
-                    d.value = v;
-                    d.headers.remove(HEADER_CONTENT_ENCODING);
-                }
-                Err(e) => return Either::Left(ready(Err(Box::new(Permanent::new(e)) as BoxError))),
-            }
+        if let Err(e) = decompress_in_place(&mut d) {
+            return Either::Left(ready(Err(Box::new(e) as BoxError)));
         }
         Either::Right(self.inner.call(d))
+    }
+}
+
+/// Replaces an lz4 value marked `content-encoding: lz4` by what was produced (and
+/// drops the marker); a value that does not decode is a [`Permanent`] error.
+pub(crate) fn decompress_in_place(d: &mut Delivery) -> Result<(), Permanent> {
+    if d.headers.is_empty() {
+        return Ok(());
+    }
+    match decompress(&d.value, &d.headers) {
+        Ok(None) => Ok(()),
+        Ok(Some(v)) => {
+            d.value = v;
+            d.headers.remove(HEADER_CONTENT_ENCODING);
+            Ok(())
+        }
+        Err(e) => Err(Permanent::new(e)),
     }
 }

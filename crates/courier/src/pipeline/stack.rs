@@ -19,13 +19,12 @@ use futures::future::{ready, BoxFuture, Either};
 use tower::{Layer, Service};
 
 use super::dead_letter::{DeadLetterLayer, DeadLetterService};
-use super::decompress::{DecompressLayer, DecompressService};
+use super::decompress::{decompress_in_place, DecompressLayer, DecompressService};
 use super::dedup::{DedupLayer, DedupService};
 use super::handler::{Handler, HandlerFn, HandlerFuture};
 use super::metrics::{note_arrival, MetricsLayer, MetricsService};
-use super::retry::{self, Permanent, RetryLayer, RetryService};
+use super::retry::{self, RetryLayer, RetryService};
 use super::trace::{span_wanted, TraceLayer, TraceService};
-use crate::compress::{decompress, HEADER_CONTENT_ENCODING};
 use crate::stats::{GroupCounters, Shard};
 use crate::trace::{inherit, Inherited, TraceScope};
 
@@ -187,25 +186,16 @@ where
         let keep = self.retry.keeps_copy();
         let worker = self.worker(&d.topic).clone();
         let copy = keep.then(|| d.clone_message());
-        if !d.headers.is_empty() {
-            match decompress(&d.value, &d.headers) {
-                Ok(None) => {}
-                Ok(Some(v)) => {
-                    d.value = v;
-                    d.headers.remove(HEADER_CONTENT_ENCODING);
-                }
-                Err(e) => {
-                    // Not an attempt (nothing counted): straight to the dead letters.
-                    let e: BoxError = Box::new(Permanent::new(e));
-                    let fut: BoxFuture<'static, Result<(), BoxError>> = match copy {
-                        Some(d) => Box::pin(recover(worker, d, e)),
-                        None => Box::pin(ready(Err(e))),
-                    };
-                    return FusedFuture {
-                        state: FusedState::Recovering { fut },
-                    };
-                }
-            }
+        if let Err(e) = decompress_in_place(&mut d) {
+            // Not an attempt (nothing counted): straight to the dead letters.
+            let e: BoxError = Box::new(e);
+            let fut: BoxFuture<'static, Result<(), BoxError>> = match copy {
+                Some(d) => Box::pin(recover(worker, d, e)),
+                None => Box::pin(ready(Err(e))),
+            };
+            return FusedFuture {
+                state: FusedState::Recovering { fut },
+            };
         }
         note_arrival(&worker.shard, &d);
         FusedFuture {
