@@ -1,7 +1,7 @@
 //! Courier records ⇄ AMQP messages. The id travels in the `message-id` property
 //! (header `x-message-id` when longer than 255 bytes), the key in header `x-key`, the
-//! millisecond timestamp in header `x-timestamp-ms` (the AMQP `timestamp` property
-//! carries seconds, for other clients); user headers are AMQP headers with byte-string
+//! millisecond timestamp in header `x-timestamp-ms` unless the id is a ULID carrying it
+//! (the AMQP `timestamp` property carries seconds, for other clients); user headers are AMQP headers with byte-string
 //! values.
 
 use bytes::Bytes;
@@ -27,7 +27,9 @@ pub fn properties(r: &Record, partition: Option<u32>) -> BasicProperties {
     if let Some(k) = &r.key {
         h.insert(H_KEY.into(), AMQPValue::LongString(k.as_ref().into()));
     }
-    h.insert(H_TIMESTAMP.into(), AMQPValue::LongLongInt(r.timestamp));
+    if courier_core::ulid_millis(&r.id) != Some(r.timestamp) {
+        h.insert(H_TIMESTAMP.into(), AMQPValue::LongLongInt(r.timestamp));
+    }
     if let Some(p) = partition {
         h.insert(
             H_PARTITION.into(),
@@ -98,6 +100,7 @@ pub fn decode(props: &BasicProperties) -> Decoded {
             .map(|s| (s as i64).saturating_mul(1000))
             .unwrap_or(0),
     };
+    let mut stamped = false;
     if let Some(h) = props.headers() {
         for (name, value) in h.inner() {
             match name.as_str() {
@@ -105,6 +108,7 @@ pub fn decode(props: &BasicProperties) -> Decoded {
                 H_KEY => d.key = bytes_of(value),
                 H_TIMESTAMP => {
                     if let Some(ts) = int_of(value) {
+                        stamped = true;
                         d.timestamp = ts;
                     }
                 }
@@ -122,12 +126,30 @@ pub fn decode(props: &BasicProperties) -> Decoded {
             }
         }
     }
+    if !stamped {
+        // `x-timestamp-ms` is written only when the id's own time part differs.
+        if let Some(ts) = courier_core::ulid_millis(&d.id) {
+            d.timestamp = ts;
+        }
+    }
     d
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_timestamp_rides_in_a_ulid_id_unless_it_differs() {
+        let mut r = Record::from_message(courier_core::Message::new("t", "v"));
+        let p = properties(&r, None);
+        let h = p.headers().as_ref().expect("headers");
+        assert!(!h.inner().contains_key(H_TIMESTAMP), "carried by the id");
+        assert_eq!(decode(&p).timestamp, r.timestamp);
+        r.timestamp -= 5_000;
+        let p = properties(&r, None);
+        assert_eq!(decode(&p).timestamp, r.timestamp);
+    }
 
     #[test]
     fn round_trip_keeps_fields() {

@@ -21,7 +21,7 @@ pub use driver::{
     SubscribeSpec, Subscription, TopicInfo, TopicPartition, TopicSpec,
 };
 pub use error::{BoxError, Error, Result};
-pub use message::{now_millis, Headers, Message, Receipt, Record};
+pub use message::{now_millis, ulid_millis, Headers, Message, Receipt, Record};
 pub use partitioner::{murmur2, partition_for_key};
 
 /// Header carrying the message id on backends without a native id field.

@@ -17,6 +17,17 @@ pub fn now_millis() -> i64 {
         .unwrap_or(0)
 }
 
+/// The millisecond timestamp carried by `id` when it is a ULID (Courier assigns ULIDs
+/// whose time part is the record's timestamp): a driver may then leave the timestamp
+/// out of its wire format, stored only when it differs from the id's.
+pub fn ulid_millis(id: &str) -> Option<i64> {
+    if id.len() != ulid::ULID_LEN {
+        return None;
+    }
+    let ulid = ulid::Ulid::from_string(id).ok()?;
+    i64::try_from(ulid.timestamp_ms()).ok()
+}
+
 /// Message headers: ordered `name → bytes` pairs. [`Headers::insert`] replaces an
 /// existing name; the order of first insertion is kept so round trips are exact.
 ///
@@ -315,6 +326,14 @@ pub struct Receipt {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_stamped_records_ulid_carries_its_timestamp() {
+        let r = Record::from_message(Message::new("t", "v"));
+        assert_eq!(ulid_millis(&r.id), Some(r.timestamp));
+        assert_eq!(ulid_millis("not-a-ulid"), None);
+        assert_eq!(ulid_millis("!!!!!!!!!!!!!!!!!!!!!!!!!!"), None);
+    }
 
     #[test]
     fn headers_insert_replaces_and_keeps_order() {

@@ -1,5 +1,6 @@
 //! Courier records ↔ NATS messages. The value is the NATS payload unchanged; key, id,
-//! timestamp and headers travel as NATS headers. Header names and values NATS cannot
+//! timestamp and headers travel as NATS headers (the timestamp only when it differs
+//! from the time part of the ULID id). Header names and values NATS cannot
 //! carry verbatim (binary, CR/LF, surrounding spaces, `:` in names) are base64-encoded
 //! under a `Courier-…` name, so any bytes survive the round trip.
 
@@ -44,7 +45,9 @@ fn name(static_name: &'static str) -> HeaderName {
 pub(crate) fn encode(r: &Record) -> HeaderMap {
     let mut h = HeaderMap::new();
     h.insert(name(ID), HeaderValue::from(r.id.as_str()));
-    h.insert(name(TIMESTAMP), HeaderValue::from(r.timestamp));
+    if courier_core::ulid_millis(&r.id) != Some(r.timestamp) {
+        h.insert(name(TIMESTAMP), HeaderValue::from(r.timestamp));
+    }
     if let Some(k) = &r.key {
         match text_value(k) {
             Some(s) => h.insert(name(KEY), HeaderValue::from(s)),
@@ -90,6 +93,7 @@ pub(crate) fn decode(h: Option<&HeaderMap>, seq: u64, fallback_ts: i64) -> Decod
         out.id = seq.to_string();
         return out;
     };
+    let mut stamped = false;
     for (name, values) in h.iter() {
         let n: &str = name.as_ref();
         let Some(first) = values.first() else {
@@ -97,7 +101,10 @@ pub(crate) fn decode(h: Option<&HeaderMap>, seq: u64, fallback_ts: i64) -> Decod
         };
         match n {
             ID => out.id = first.as_str().to_string(),
-            TIMESTAMP => out.timestamp = first.as_str().parse().unwrap_or(fallback_ts),
+            TIMESTAMP => {
+                stamped = true;
+                out.timestamp = first.as_str().parse().unwrap_or(fallback_ts);
+            }
             KEY => out.key = Some(Bytes::copy_from_slice(first.as_str().as_bytes())),
             KEY_B64 => out.key = B64.decode(first.as_str()).ok().map(Bytes::from),
             HEADERS_B64 => {
@@ -115,6 +122,12 @@ pub(crate) fn decode(h: Option<&HeaderMap>, seq: u64, fallback_ts: i64) -> Decod
                         .insert(n.to_string(), Bytes::copy_from_slice(v.as_str().as_bytes()));
                 }
             }
+        }
+    }
+    if !stamped {
+        // Written only when the id's own time part differs from it.
+        if let Some(ts) = courier_core::ulid_millis(&out.id) {
+            out.timestamp = ts;
         }
     }
     if out.id.is_empty() {
@@ -156,6 +169,18 @@ mod tests {
         assert_eq!(d.headers.get_str("odd: name"), Some("v"));
         assert_eq!(d.headers.get_str("spaced"), Some(" v "));
         assert_eq!(d.headers.len(), 4);
+    }
+
+    #[test]
+    fn the_timestamp_rides_in_a_ulid_id_unless_it_differs() {
+        let mut r = Record::from_message(courier_core::Message::new("t", "v"));
+        let h = encode(&r);
+        assert!(h.get(TIMESTAMP).is_none(), "carried by the id");
+        assert_eq!(decode(Some(&h), 1, 0).timestamp, r.timestamp);
+        r.timestamp -= 5_000;
+        let h = encode(&r);
+        assert!(h.get(TIMESTAMP).is_some());
+        assert_eq!(decode(Some(&h), 1, 0).timestamp, r.timestamp);
     }
 
     #[test]
