@@ -1,8 +1,8 @@
 //! Courier records ⇄ AMQP messages. The id travels in the `message-id` property
 //! (header `x-message-id` when longer than 255 bytes), the key in header `x-key`, the
 //! millisecond timestamp in header `x-timestamp-ms` unless the id is a ULID carrying it
-//! (the AMQP `timestamp` property carries seconds, for other clients); user headers are AMQP headers with byte-string
-//! values.
+//! (the AMQP `timestamp` property carries seconds, for other clients); user headers
+//! are AMQP headers with byte-string values.
 
 use bytes::Bytes;
 use courier_core::{Headers, Record, HEADER_MESSAGE_ID};
