@@ -14,7 +14,8 @@
 //!
 //! Environment: `COURIER_BENCH_MESSAGES` (default 1,000,000), `COURIER_BENCH_ROUNDS`
 //! (default 3), `COURIER_BENCH_TOPICS` (`plain` or `traced`: one kind only),
-//! `COURIER_BENCH_SIDE` (`bare` or `pipeline`: one side only; for profiling).
+//! `COURIER_BENCH_SIDE` (`bare` or `pipeline`: one side only; for profiling),
+//! `COURIER_BENCH_PARTITIONS` (default 4).
 
 mod common;
 
@@ -27,10 +28,14 @@ use std::time::{Duration, Instant};
 use courier::{Client, Delivery, Error, Message, TopicSpec, TraceContext};
 use tokio::sync::Notify;
 
+fn partitions() -> u32 {
+    env_usize("COURIER_BENCH_PARTITIONS", 4) as u32
+}
+
 async fn fill(client: &Client, topic: &str, n: u64, traced: bool) {
     client
         .admin()
-        .create_topic(TopicSpec::new(topic, 4))
+        .create_topic(TopicSpec::new(topic, partitions()))
         .await
         .expect("create");
     let p = client.producer();
@@ -95,7 +100,8 @@ fn main() {
         let n = env_usize("COURIER_BENCH_MESSAGES", 1_000_000) as u64;
         let rounds = env_usize("COURIER_BENCH_ROUNDS", 3) as u64;
         let client = Client::connect("memory://pipeline-bench").await.expect("connect");
-        println!("memory://, {n} messages of 64 B, 4 partitions, {rounds} rounds, best of each");
+        let p = partitions();
+        println!("memory://, {n} messages of 64 B, {p} partitions, {rounds} rounds, best of each");
         // `COURIER_BENCH_TOPICS=traced` (or `plain`) runs one kind only, for profiling.
         let only = std::env::var("COURIER_BENCH_TOPICS").unwrap_or_default();
         // `COURIER_BENCH_SIDE=bare` (or `pipeline`) consumes with one side only.
