@@ -85,6 +85,11 @@ impl AckHandle {
         }
     }
 
+    /// The topic of the delivery this handle settles (`None` once settled).
+    pub fn topic(&self) -> Option<&str> {
+        self.token.as_ref().map(|t| &*t.topic)
+    }
+
     /// True when the delivery is stale (see [`Acker::is_stale`]).
     pub fn is_stale(&self) -> bool {
         self.token.as_ref().is_some_and(|t| self.acker.is_stale(t))
@@ -178,8 +183,15 @@ impl Delivery {
     /// A copy of the message without the right to settle it (the pipeline keeps one
     /// to retry or dead-letter after the handler consumed the original).
     pub fn clone_message(&self) -> Delivery {
+        self.clone_message_naming(self.topic.clone())
+    }
+
+    /// [`clone_message`](Self::clone_message) with `topic` (the same name, another
+    /// reference): the delivery's own topic name is one reference count shared by
+    /// every delivery of the topic, touched from all of its workers' threads.
+    pub fn clone_message_naming(&self, topic: Arc<str>) -> Delivery {
         Delivery {
-            topic: self.topic.clone(),
+            topic,
             partition: self.partition,
             offset: self.offset,
             key: self.key.clone(),

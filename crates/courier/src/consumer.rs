@@ -697,7 +697,9 @@ async fn worker<S>(
                 ack.discard();
                 continue;
             }
-            let (topic, partition, offset) = (d.topic.clone(), d.partition, d.offset);
+            // The topic for the logs comes from the handle, not a clone of the
+            // delivery's name: that reference count is shared by every worker.
+            let (partition, offset) = (d.partition, d.offset);
             let outcome = match service.ready().await {
                 Ok(svc) => AssertUnwindSafe(svc.call(d)).catch_unwind().await,
                 Err(e) => Ok(Err(e)),
@@ -705,11 +707,13 @@ async fn worker<S>(
             match outcome {
                 Ok(Ok(())) => ack.ack(),
                 Ok(Err(e)) => {
-                    tracing::warn!(%topic, partition, offset, error = %e, "handler failed; not committed");
+                    let topic = ack.topic().unwrap_or_default();
+                    tracing::warn!(topic, partition, offset, error = %e, "handler failed; not committed");
                     ack.nack(redeliver_after);
                 }
                 Err(_) => {
-                    tracing::error!(%topic, partition, offset, "handler panicked");
+                    let topic = ack.topic().unwrap_or_default();
+                    tracing::error!(topic, partition, offset, "handler panicked");
                     ack.nack(redeliver_after);
                 }
             }

@@ -123,6 +123,7 @@ impl<H> Fused<H> {
                     .layer(Handler::Direct(self.handler.clone())),
             );
             Arc::new(Worker {
+                topic: Arc::from(&**topic),
                 shard: self.counters.shard(topic),
                 retry: retry::Shared::new(attempt, self.retry.clone()),
                 dead_letter: self.dead_letter.clone(),
@@ -134,6 +135,9 @@ impl<H> Fused<H> {
 /// What a fused first attempt needs after it ends: where to count it, and the retry
 /// and dead-letter steps should it fail.
 struct Worker<H> {
+    /// This worker's own copy of the topic name, for the retry copies: the delivery's
+    /// is one reference count that the topic's reader and every worker touch.
+    topic: Arc<str>,
     shard: Arc<Shard>,
     retry: Arc<retry::Shared<Attempt<H>>>,
     dead_letter: DeadLetterLayer,
@@ -185,7 +189,7 @@ where
     fn call(&mut self, mut d: Delivery) -> FusedFuture<Fut, H> {
         let keep = self.retry.keeps_copy();
         let worker = self.worker(&d.topic).clone();
-        let copy = keep.then(|| d.clone_message());
+        let copy = keep.then(|| d.clone_message_naming(worker.topic.clone()));
         if let Err(e) = decompress_in_place(&mut d) {
             // Not an attempt (nothing counted): straight to the dead letters.
             let e: BoxError = Box::new(e);
