@@ -11,8 +11,12 @@ use crate::error::{Error, Result};
 
 /// Milliseconds since the Unix epoch, the timestamp unit of every Courier type.
 pub fn now_millis() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
+    millis_of(SystemTime::now())
+}
+
+/// `t` in milliseconds since the Unix epoch (0 before it).
+fn millis_of(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
 }
@@ -287,12 +291,8 @@ impl Record {
             (id, ts) => {
                 // One clock read for both: the id's time part is the timestamp.
                 let now = SystemTime::now();
-                let ms = now
-                    .duration_since(UNIX_EPOCH)
-                    .map(|d| d.as_millis() as i64)
-                    .unwrap_or(0);
                 let id = id.unwrap_or_else(|| ulid::Ulid::from_datetime(now).to_string());
-                (id, ts.unwrap_or(ms))
+                (id, ts.unwrap_or_else(|| millis_of(now)))
             }
         };
         Self {

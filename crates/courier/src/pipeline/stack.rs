@@ -110,10 +110,7 @@ impl<H> Fused<H> {
 
     /// This worker's state for `topic`.
     fn worker(&mut self, topic: &Arc<str>) -> &Arc<Worker<H>> {
-        let stale = self
-            .worker
-            .as_ref()
-            .is_none_or(|w| !Arc::ptr_eq(w.shard.topic(), topic) && **w.shard.topic() != **topic);
+        let stale = self.worker.as_ref().is_none_or(|w| *w.topic != **topic);
         if stale {
             self.worker = None;
         }
