@@ -37,9 +37,47 @@ pub fn ulid_millis(id: &str) -> Option<i64> {
 ///
 /// Cloning is one reference count (the pairs are shared and copied on the first
 /// change), so the consumer pipeline can keep a message's copy for a retry or a
-/// dead letter without copying every header. No headers allocate nothing.
+/// dead letter without copying every header. No headers allocate nothing. A lookup of
+/// a name that is absent usually answers without reading the pairs (a one-word
+/// summary of the names is kept).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Headers(Option<Arc<Vec<(String, Bytes)>>>);
+pub struct Headers(Option<Arc<Pairs>>);
+
+/// The pairs of a [`Headers`] and a one-word summary of their names: bit
+/// [`name_bit`] of every name is set. The pipeline asks each delivery for headers it
+/// mostly lacks (`content-encoding`, say) while carrying others (the six trace
+/// headers): with the summary such a miss reads one word instead of every pair and
+/// the names behind them, which are rarely in cache.
+#[derive(Clone, Debug, Default)]
+struct Pairs {
+    names: u64,
+    list: Vec<(String, Bytes)>,
+}
+
+impl PartialEq for Pairs {
+    fn eq(&self, other: &Self) -> bool {
+        self.list == other.list
+    }
+}
+
+impl Eq for Pairs {}
+
+/// The summary of `list`'s names.
+fn summary(list: &[(String, Bytes)]) -> u64 {
+    list.iter().fold(0, |m, (n, _)| m | name_bit(n))
+}
+
+/// The summary bit of `name`: from its length and last byte, ASCII case folded, so
+/// one bit serves exact and case-insensitive lookups.
+#[inline]
+fn name_bit(name: &str) -> u64 {
+    let b = name.as_bytes();
+    let last = b.last().map_or(0, u8::to_ascii_lowercase);
+    1 << ((b.len() as u32)
+        .wrapping_mul(7)
+        .wrapping_add(u32::from(last))
+        & 63)
+}
 
 impl Serialize for Headers {
     fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
@@ -59,37 +97,58 @@ impl Headers {
         Self(None)
     }
 
-    fn from_vec(v: Vec<(String, Bytes)>) -> Self {
-        if v.is_empty() {
-            Self(None)
-        } else {
-            Self(Some(Arc::new(v)))
+    /// Headers of `v` as given (names are expected to be distinct).
+    fn from_vec(list: Vec<(String, Bytes)>) -> Self {
+        if list.is_empty() {
+            return Self(None);
         }
+        Self(Some(Arc::new(Pairs {
+            names: summary(&list),
+            list,
+        })))
     }
 
     #[inline]
     fn pairs(&self) -> &[(String, Bytes)] {
-        self.0.as_deref().map_or(&[], Vec::as_slice)
+        self.0.as_deref().map_or(&[], |p| p.list.as_slice())
     }
 
-    fn pairs_mut(&mut self) -> &mut Vec<(String, Bytes)> {
-        Arc::make_mut(self.0.get_or_insert_with(Default::default))
+    /// The pairs, if any might be named `name` (its summary bit is set).
+    #[inline]
+    fn candidates(&self, name: &str) -> &[(String, Bytes)] {
+        match self.0.as_deref() {
+            Some(p) if p.names & name_bit(name) != 0 => &p.list,
+            _ => &[],
+        }
     }
 
     /// Sets `name` to `value`, replacing any earlier value of that name.
     pub fn insert(&mut self, name: impl Into<String>, value: impl Into<Bytes>) {
         let name = name.into();
         let value = value.into();
-        let pairs = self.pairs_mut();
-        match pairs.iter_mut().find(|(n, _)| *n == name) {
+        let pairs = Arc::make_mut(self.0.get_or_insert_with(Default::default));
+        let bit = name_bit(&name);
+        let existing = if pairs.names & bit != 0 {
+            pairs.list.iter_mut().find(|(n, _)| *n == name)
+        } else {
+            None
+        };
+        match existing {
             Some(slot) => slot.1 = value,
-            None => pairs.push((name, value)),
+            None => {
+                pairs.names |= bit;
+                pairs.list.push((name, value));
+            }
         }
     }
 
     /// The value of `name`, if present.
+    #[inline]
     pub fn get(&self, name: &str) -> Option<&Bytes> {
-        self.pairs().iter().find(|(n, _)| n == name).map(|(_, v)| v)
+        self.candidates(name)
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v)
     }
 
     /// The value of `name` if present and valid UTF-8.
@@ -101,7 +160,7 @@ impl Headers {
     /// `X-Trace-ID` arrive in any case from other clients); an exact match wins over
     /// one that differs only in case.
     pub fn get_ignore_case(&self, name: &str) -> Option<&Bytes> {
-        let pairs = self.pairs();
+        let pairs = self.candidates(name);
         // Names are nearly always written as spelled by the reader: an exact compare
         // (a length check, then memcmp) first; the case-folding scan only on a miss.
         pairs
@@ -113,11 +172,13 @@ impl Headers {
 
     /// Removes `name` and returns its value.
     pub fn remove(&mut self, name: &str) -> Option<Bytes> {
-        let pos = self.pairs().iter().position(|(n, _)| n == name)?;
-        let pairs = self.pairs_mut();
-        let v = pairs.remove(pos).1;
-        if pairs.is_empty() {
+        let pos = self.candidates(name).iter().position(|(n, _)| n == name)?;
+        let pairs = Arc::make_mut(self.0.as_mut()?);
+        let v = pairs.list.remove(pos).1;
+        if pairs.list.is_empty() {
             self.0 = None;
+        } else {
+            pairs.names = summary(&pairs.list);
         }
         Some(v)
     }
@@ -166,7 +227,7 @@ impl IntoIterator for Headers {
         match self.0 {
             None => Vec::new().into_iter(),
             Some(a) => Arc::try_unwrap(a)
-                .unwrap_or_else(|shared| (*shared).clone())
+                .map_or_else(|shared| shared.list.clone(), |p| p.list)
                 .into_iter(),
         }
     }
@@ -352,6 +413,32 @@ mod tests {
         assert_eq!(h.get_ignore_case("A").map(|b| b.as_ref()), Some(&b"3"[..]));
         assert_eq!(h.remove("a"), Some(Bytes::from("3")));
         assert_eq!(h.len(), 1);
+    }
+
+    #[test]
+    fn headers_lookups_agree_with_a_scan_whatever_the_summary_says() {
+        // "ab"/"xb" share a summary bit; "X-Trace-ID" differs from its lookup in case.
+        let mut h: Headers = [("ab", "1"), ("xb", "2"), ("X-Trace-ID", "3")]
+            .into_iter()
+            .collect();
+        assert_eq!(h.get_str("ab"), Some("1"));
+        assert_eq!(h.get_str("xb"), Some("2"));
+        assert_eq!(h.get("cb"), None);
+        assert_eq!(h.get("content-encoding"), None);
+        assert_eq!(h.get("x-trace-id"), None);
+        assert_eq!(
+            h.get_ignore_case("x-trace-id").map(|b| b.as_ref()),
+            Some(&b"3"[..])
+        );
+        assert_eq!(h.remove("ab"), Some(Bytes::from("1")));
+        assert_eq!(h.get_str("xb"), Some("2"));
+        assert_eq!(h.remove("xb"), Some(Bytes::from("2")));
+        assert!(!h.contains("xb"));
+        h.insert("ab", "4");
+        assert_eq!(h.get_str("ab"), Some("4"));
+        let round: Headers = serde_json::from_str(&serde_json::to_string(&h).unwrap()).unwrap();
+        assert_eq!(round, h);
+        assert_eq!(round.get_str("ab"), Some("4"));
     }
 
     #[test]
