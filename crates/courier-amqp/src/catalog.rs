@@ -9,12 +9,12 @@ use std::time::Duration;
 
 use courier_core::{Error, Result, TopicSpec};
 use futures::StreamExt;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions};
+use lapin::options::{BasicAckOptions, BasicPublishOptions};
 use lapin::{BasicProperties, Channel};
 use serde::{Deserialize, Serialize};
 
 use crate::config::ExchangeKind;
-use crate::conn::{declare_stream, err, stream_args, stream_offset, Shared, StreamStart};
+use crate::conn::{attach, declare_stream, err, stream_args, Shared, StreamStart};
 use crate::names::CATALOG;
 use crate::BACKEND;
 
@@ -143,19 +143,7 @@ const READ_RETRY_MAX_WAIT: Duration = Duration::from_millis(1600);
 
 async fn read_inner(shared: &Shared) -> Result<State> {
     let ch = shared.channel().await?;
-    ch.basic_qos(2000, BasicQosOptions::default())
-        .await
-        .map_err(err)?;
-    let tag = format!("courier-catalog-{}", ulid::Ulid::new());
-    let mut consumer = ch
-        .basic_consume(
-            CATALOG.into(),
-            tag.as_str().into(),
-            BasicConsumeOptions::default(),
-            stream_offset(StreamStart::First),
-        )
-        .await
-        .map_err(err)?;
+    let mut consumer = attach(&ch, CATALOG, "courier-catalog", 2000, StreamStart::First).await?;
     let mark = ulid::Ulid::new().to_string();
     append(shared, &Entry::Mark { id: mark.clone() }).await?;
     let mut state = State::default();

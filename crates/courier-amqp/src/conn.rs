@@ -5,7 +5,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use courier_core::{Error, Result};
-use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::options::{
+    BasicConsumeOptions, BasicQosOptions, ExchangeDeclareOptions, QueueBindOptions,
+    QueueDeclareOptions,
+};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{Channel, Connection, ConnectionProperties};
 use tokio::sync::Mutex;
@@ -206,6 +209,28 @@ pub async fn bind_partition(
     .map_err(err)
 }
 
+/// A consumer of `stream` on `ch` from `start`, with QoS `prefetch` (a stream
+/// consumer needs one) and a unique tag beginning with `tag`.
+pub async fn attach(
+    ch: &Channel,
+    stream: &str,
+    tag: &str,
+    prefetch: u16,
+    start: StreamStart,
+) -> Result<lapin::Consumer> {
+    ch.basic_qos(prefetch, BasicQosOptions::default())
+        .await
+        .map_err(err)?;
+    ch.basic_consume(
+        stream.into(),
+        format!("{tag}-{}", ulid::Ulid::new()).as_str().into(),
+        BasicConsumeOptions::default(),
+        stream_offset(start),
+    )
+    .await
+    .map_err(err)
+}
+
 /// A consumer argument `x-stream-offset`.
 pub fn stream_offset(value: StreamStart) -> FieldTable {
     let mut a = FieldTable::default();
@@ -230,4 +255,34 @@ pub enum StreamStart {
     Next,
     /// This offset (the broker may start at the beginning of its chunk).
     Offset(u64),
+}
+
+/// Returns a stream consumer's credit once half its prefetch was delivered. On a
+/// stream an ack removes nothing; it only lets the broker send more.
+pub struct Credit {
+    every: u32,
+    uncredited: u32,
+}
+
+impl Credit {
+    /// Credit for a consumer with QoS `prefetch`.
+    pub fn new(prefetch: u16) -> Self {
+        Self {
+            every: u32::from(prefetch / 2).max(1),
+            uncredited: 0,
+        }
+    }
+
+    /// Counts delivery `d`, acking everything up to it when half the prefetch is used.
+    pub async fn delivered(&mut self, d: &lapin::message::Delivery) -> courier_core::Result<()> {
+        self.uncredited += 1;
+        if self.uncredited >= self.every {
+            d.acker
+                .ack(lapin::options::BasicAckOptions { multiple: true })
+                .await
+                .map_err(err)?;
+            self.uncredited = 0;
+        }
+        Ok(())
+    }
 }

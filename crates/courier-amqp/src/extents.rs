@@ -7,11 +7,10 @@ use std::time::Duration;
 
 use courier_core::Result;
 use futures::StreamExt;
-use lapin::options::{BasicConsumeOptions, BasicQosOptions};
 use lapin::Connection;
 
 use crate::codec;
-use crate::conn::{err, stream_offset, StreamStart};
+use crate::conn::{attach, err, StreamStart};
 
 /// Silence after which a stream is taken to be empty.
 pub const EMPTY_AFTER: Duration = Duration::from_millis(400);
@@ -41,20 +40,7 @@ async fn probe(
     to_end: bool,
 ) -> Result<Option<u64>> {
     let ch = conn.create_channel().await.map_err(err)?;
-    ch.basic_qos(2000, BasicQosOptions::default())
-        .await
-        .map_err(err)?;
-    let mut consumer = ch
-        .basic_consume(
-            stream.into(),
-            format!("courier-extent-{}", ulid::Ulid::new())
-                .as_str()
-                .into(),
-            BasicConsumeOptions::default(),
-            stream_offset(start),
-        )
-        .await
-        .map_err(err)?;
+    let mut consumer = attach(&ch, stream, "courier-extent", 2000, start).await?;
     let mut best: Option<u64> = None;
     let mut wait = EMPTY_AFTER;
     while let Ok(Some(d)) = tokio::time::timeout(wait, consumer.next()).await {

@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use courier_core::{Acker, Delivery, Error, OffsetReset, Result, TopicPartition};
+use courier_core::{Delivery, Error, OffsetReset, Result, TopicPartition};
 use futures::StreamExt;
 use lapin::options::{
     BasicConsumeOptions, BasicPublishOptions, QueueBindOptions, QueueDeclareOptions,
@@ -32,7 +32,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::ExchangeKind;
 use crate::conn::{self, declare_exchange, err, is_reply, StreamStart};
-use crate::part::{self, Part, PartAcker};
+use crate::part::{self, Part};
 use crate::{names, offsets, BACKEND};
 
 const TICK: Duration = Duration::from_millis(200);
@@ -80,7 +80,6 @@ pub struct Member {
     /// This member's id.
     pub id: String,
     tx: mpsc::Sender<Delivery>,
-    acker: Arc<dyn Acker>,
     parts: Mutex<BTreeMap<TopicPartition, Arc<Part>>>,
     /// Owned partitions, bumped on every change.
     pub assigned: watch::Sender<Vec<TopicPartition>>,
@@ -99,7 +98,6 @@ impl Member {
             ),
             cfg,
             tx,
-            acker: Arc::new(PartAcker),
             parts: Mutex::new(BTreeMap::new()),
             assigned: watch::channel(Vec::new()).0,
             connected: AtomicBool::new(false),
@@ -328,7 +326,6 @@ async fn rebalance(member: &Arc<Member>, s: &mut Session) -> Result<()> {
             part.clone(),
             s.conn.clone(),
             member.tx.clone(),
-            member.acker.clone(),
             member.cfg.prefetch,
             initial,
             Some(attached),

@@ -15,14 +15,13 @@ use std::time::Duration;
 use bytes::Bytes;
 use courier_core::{AckHandle, AckToken, Acker, Delivery, TopicPartition};
 use futures::StreamExt;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::Connection;
 use parking_lot::Mutex;
 use tokio::sync::{mpsc, oneshot, Notify};
 use tokio::time::Instant;
 
 use crate::codec;
-use crate::conn::{err, stream_offset, StreamStart};
+use crate::conn::{attach, err, Credit, StreamStart};
 use crate::names;
 
 /// Epochs are unique across partitions and members of the process.
@@ -113,28 +112,21 @@ impl Part {
     }
 }
 
-/// Settles deliveries of [`Part`]s (the part travels in the token).
-pub struct PartAcker;
-
-fn part_of(t: &AckToken) -> Option<&Arc<Part>> {
-    t.extra.as_ref()?.downcast_ref::<Arc<Part>>()
-}
-
-impl Acker for PartAcker {
+/// A partition settles its own deliveries: the acker of every delivery it hands out
+/// is the part itself, so a token needs nothing beyond its offset and epoch (no
+/// allocation per delivery).
+impl Acker for Part {
     fn ack(&self, t: AckToken) {
-        if let Some(p) = part_of(&t) {
-            let mut s = p.state.lock();
-            if s.epoch == t.epoch && !s.stopped {
-                s.pending.remove(&t.offset);
-                s.attempts.remove(&t.offset);
-            }
+        let mut s = self.state.lock();
+        if s.epoch == t.epoch && !s.stopped {
+            s.pending.remove(&t.offset);
+            s.attempts.remove(&t.offset);
         }
     }
 
     fn nack(&self, t: AckToken, redeliver_after: Duration) {
-        let Some(p) = part_of(&t) else { return };
         {
-            let mut s = p.state.lock();
+            let mut s = self.state.lock();
             if s.epoch != t.epoch || s.stopped {
                 return;
             }
@@ -145,14 +137,12 @@ impl Acker for PartAcker {
             s.next = Some(to);
             s.rewind = Some((to, Instant::now() + redeliver_after));
         }
-        p.wake.notify_one();
+        self.wake.notify_one();
     }
 
     fn is_stale(&self, t: &AckToken) -> bool {
-        part_of(t).is_none_or(|p| {
-            let s = p.state.lock();
-            s.epoch != t.epoch || s.stopped
-        })
+        let s = self.state.lock();
+        s.epoch != t.epoch || s.stopped
     }
 }
 
@@ -161,12 +151,12 @@ pub async fn run(
     part: Arc<Part>,
     conn: Arc<Connection>,
     tx: mpsc::Sender<Delivery>,
-    acker: Arc<dyn Acker>,
     prefetch: u16,
     initial: StreamStart,
     mut attached: Option<oneshot::Sender<()>>,
 ) {
     let stream = names::stream(&part.tp.topic, part.tp.partition);
+    let acker: Arc<dyn Acker> = part.clone();
     let mut start = match part.state.lock().next {
         Some(o) => StreamStart::Offset(o),
         None => initial,
@@ -243,18 +233,7 @@ impl Attach<'_> {
         } = *self;
         let ch = conn.create_channel().await.map_err(err)?;
         let result = async {
-            ch.basic_qos(prefetch, BasicQosOptions::default())
-                .await
-                .map_err(err)?;
-            let mut consumer = ch
-                .basic_consume(
-                    stream.into(),
-                    format!("courier-{}", ulid::Ulid::new()).as_str().into(),
-                    BasicConsumeOptions::default(),
-                    stream_offset(start),
-                )
-                .await
-                .map_err(err)?;
+            let mut consumer = attach(&ch, stream, "courier", prefetch, start).await?;
             if let Some(a) = attached.take() {
                 let _ = a.send(());
             }
@@ -263,16 +242,20 @@ impl Attach<'_> {
                 StreamStart::Offset(o) => o,
                 _ => 0,
             };
-            let credit_every = u32::from(prefetch / 2).max(1);
-            let mut uncredited = 0u32;
+            let mut credit = Credit::new(prefetch);
+            // One waiter, registered while the stream is idle and kept across
+            // deliveries. The stream is polled first: every delivery checks the epoch
+            // under the state lock anyway, so the wake-up only matters when none come.
+            let mut wake = std::pin::pin!(part.wake.notified());
             loop {
                 let d = tokio::select! {
                     biased;
-                    _ = part.wake.notified() => {
+                    d = consumer.next() => d,
+                    _ = wake.as_mut() => {
+                        wake.set(part.wake.notified());
                         if part.changed(epoch) { return Ok(()); }
                         continue;
                     }
-                    d = consumer.next() => d,
                 };
                 let Some(d) = d else {
                     return Err(courier_core::Error::backend(
@@ -281,15 +264,7 @@ impl Attach<'_> {
                     ));
                 };
                 let d = d.map_err(err)?;
-                uncredited += 1;
-                if uncredited >= credit_every {
-                    // Stream acks only return credit; they do not remove anything.
-                    d.acker
-                        .ack(BasicAckOptions { multiple: true })
-                        .await
-                        .map_err(err)?;
-                    uncredited = 0;
-                }
+                credit.delivered(&d).await?;
                 let dec = codec::decode(&d.properties);
                 let Some(offset) = dec.offset else { continue };
                 if offset < min {
@@ -309,7 +284,7 @@ impl Attach<'_> {
                     partition: part.tp.partition,
                     offset,
                     epoch,
-                    extra: Some(Box::new(part.clone())),
+                    extra: None,
                 };
                 let mut delivery = Some(Delivery::new(
                     part.topic.clone(),
@@ -327,7 +302,8 @@ impl Attach<'_> {
                     let permit = tokio::select! {
                         biased;
                         p = tx.reserve() => p,
-                        _ = part.wake.notified() => {
+                        _ = wake.as_mut() => {
+                            wake.set(part.wake.notified());
                             if part.changed(epoch) {
                                 abandon(part, epoch, dl);
                                 return Ok(());
@@ -373,7 +349,7 @@ mod tests {
             partition: 0,
             offset,
             epoch: p.state.lock().epoch,
-            extra: Some(Box::new(p.clone())),
+            extra: None,
         }
     }
 
@@ -390,21 +366,18 @@ mod tests {
         let p = Part::new(TopicPartition::new("t", 0), Some(10));
         assert_eq!(p.state.lock().commit_point(), Some(10));
         let (a, b, c) = (deliver(&p, 10), deliver(&p, 11), deliver(&p, 12));
-        PartAcker.ack(b);
+        p.ack(b);
         assert_eq!(
             p.state.lock().commit_point(),
             Some(10),
             "a gap holds the commit"
         );
-        PartAcker.ack(a);
+        p.ack(a);
         assert_eq!(p.state.lock().commit_point(), Some(12));
         let later = deliver(&p, 13);
-        PartAcker.nack(c, Duration::from_millis(5));
-        assert!(
-            PartAcker.is_stale(&later),
-            "deliveries after the nack are stale"
-        );
-        PartAcker.ack(later);
+        p.nack(c, Duration::from_millis(5));
+        assert!(p.is_stale(&later), "deliveries after the nack are stale");
+        p.ack(later);
         let s = p.state.lock();
         assert_eq!(s.commit_point(), Some(12), "rewound to the nacked offset");
         assert_eq!(s.attempts.get(&12), Some(&1));
@@ -416,6 +389,6 @@ mod tests {
         let p = Part::new(TopicPartition::new("t", 0), None);
         let t = deliver(&p, 0);
         p.stop();
-        assert!(PartAcker.is_stale(&t));
+        assert!(p.is_stale(&t));
     }
 }

@@ -11,10 +11,14 @@
 //! - consume: a Courier group consumer (runtime, handler, commits) from `earliest`;
 //!   bare: one stream consumer per partition (prefetch 1000, acks every 500), each
 //!   timed until the last message.
+//!
+//! Each line also gives the process's CPU time per message (user + system, all
+//! threads; the broker is another process), which does not depend on how fast the
+//! shared broker happens to be.
 
 mod common;
 
-use common::{courier_produce, value};
+use common::{courier_produce, value, with_cpu};
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -171,18 +175,20 @@ async fn main() {
                 .await
                 .expect("topic");
         }
-        let cp = courier_produce(&client, &ct, n).await;
-        let bp = bare_produce(&conn, &bt, n).await;
-        let cc = courier_consume(&client, &ct, n).await;
-        let bc = bare_consume(&conn, &bt, n).await;
+        // CPU µs per message of the whole process (broker excluded): what the client
+        // costs, whatever the broker's speed on a shared machine.
+        let (cp, cp_cpu) = with_cpu(n, courier_produce(&client, &ct, n)).await;
+        let (bp, bp_cpu) = with_cpu(n, bare_produce(&conn, &bt, n)).await;
+        let (cc, cc_cpu) = with_cpu(n, courier_consume(&client, &ct, n)).await;
+        let (bc, bc_cpu) = with_cpu(n, bare_consume(&conn, &bt, n)).await;
         println!(
-            "round {r}: produce courier {} | bare {} | ratio {:.0}%",
+            "round {r}: produce courier {} | bare {} | ratio {:.0}% | cpu/msg {cp_cpu:.1} / {bp_cpu:.1} µs",
             rate(n, cp),
             rate(n, bp),
             100.0 * bp.as_secs_f64() / cp.as_secs_f64()
         );
         println!(
-            "round {r}: consume courier {} | bare {} | ratio {:.0}%",
+            "round {r}: consume courier {} | bare {} | ratio {:.0}% | cpu/msg {cc_cpu:.1} / {bc_cpu:.1} µs",
             rate(n, cc),
             rate(n, bc),
             100.0 * bc.as_secs_f64() / cc.as_secs_f64()
