@@ -18,6 +18,7 @@ mod names;
 mod offsets;
 mod part;
 mod publish;
+mod read;
 mod subscription;
 mod topics;
 
@@ -234,8 +235,11 @@ impl Driver for AmqpDriver {
             // the backend page) and ends are read, not reported.
             dense_offsets: false,
             max_in_flight_publishes: MAX_IN_FLIGHT_PUBLISHES,
-            read_by_position: false,
+            // A read attaches a stream consumer (a few round trips): fine for the
+            // scheduler's rare crash lookup, too slow for every due message.
+            read_by_position: true,
             index_by_position: false,
+            store_once: false,
         }
     }
 
@@ -360,6 +364,18 @@ impl Driver for AmqpDriver {
         }
         let _ = ch.close(200, "done".into()).await;
         Ok(())
+    }
+
+    /// Attaches a stream consumer at `from` and reads until `max` records or the
+    /// stream goes quiet.
+    async fn read_records(
+        &self,
+        tp: &TopicPartition,
+        from: u64,
+        max: usize,
+    ) -> Result<Vec<(u64, Record)>> {
+        let conn = self.shared.connection().await?;
+        read::read_records(&conn, tp, from, max).await
     }
 
     async fn describe_group(&self, group: &str) -> Result<GroupInfo> {

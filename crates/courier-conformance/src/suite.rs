@@ -1177,6 +1177,17 @@ pub fn read_records_by_position(h: &dyn Harness) -> BoxFuture<'_, ()> {
             return shutdown(client).await;
         }
         let p = client.producer();
+        // RabbitMQ's confirms do not say where a message was stored, so its receipts
+        // carry a publish sequence (docs/backends/amqp.md): there, reads start where
+        // the partition ended before the sends and offsets are checked for order only.
+        let receipts_name_offsets = driver.name() != "amqp";
+        let end_of = |info: courier::TopicInfo| {
+            info.partitions
+                .iter()
+                .find(|p| p.partition == 0)
+                .map_or(0, |p| p.end_offset)
+        };
+        let start = end_of(client.admin().describe_topic(&t).await.expect("describe"));
         // Interleaved with partition 1, so offsets of partition 0 need not be dense.
         let mut receipts = Vec::new();
         for i in 0..10u32 {
@@ -1188,13 +1199,18 @@ pub fn read_records_by_position(h: &dyn Harness) -> BoxFuture<'_, ()> {
             let r = p.send_batch(batch).await.expect("send");
             receipts.push(r[0].clone());
         }
-        let all = driver
-            .read_records(&tp, receipts[0].offset, 100)
-            .await
-            .expect("read");
+        let first = if receipts_name_offsets {
+            receipts[0].offset
+        } else {
+            start
+        };
+        let all = driver.read_records(&tp, first, 100).await.expect("read");
         assert_eq!(all.len(), 10, "{all:?}");
+        assert!(all.windows(2).all(|w| w[0].0 < w[1].0), "offsets increase");
         for (i, ((offset, r), receipt)) in all.iter().zip(&receipts).enumerate() {
-            assert_eq!(*offset, receipt.offset, "record {i}");
+            if receipts_name_offsets {
+                assert_eq!(*offset, receipt.offset, "record {i}");
+            }
             assert_eq!(r.id, receipt.id, "record {i}");
             assert_eq!(r.topic, t);
             assert_eq!(r.partition, Some(0));
@@ -1203,15 +1219,12 @@ pub fn read_records_by_position(h: &dyn Harness) -> BoxFuture<'_, ()> {
             assert_eq!(r.headers.get_str("n"), Some(i.to_string().as_str()));
             assert_eq!(r.timestamp, receipt.timestamp, "record {i}");
         }
-        let mid = driver
-            .read_records(&tp, receipts[3].offset, 4)
-            .await
-            .expect("read");
+        let mid = driver.read_records(&tp, all[3].0, 4).await.expect("read");
         let ids: Vec<&str> = mid.iter().map(|(_, r)| r.id.as_str()).collect();
         let want: Vec<&str> = receipts[3..7].iter().map(|r| r.id.as_str()).collect();
         assert_eq!(ids, want);
         let past = driver
-            .read_records(&tp, receipts[9].offset + 1, 10)
+            .read_records(&tp, all[9].0 + 1, 10)
             .await
             .expect("read past the end");
         assert!(past.is_empty(), "{past:?}");
@@ -1220,8 +1233,13 @@ pub fn read_records_by_position(h: &dyn Harness) -> BoxFuture<'_, ()> {
             .map(|i| Message::new(&t, format!("b{i}")).partition(0))
             .collect();
         let sent = p.send_batch(batch).await.expect("send");
+        let from = if receipts_name_offsets {
+            sent[0].offset
+        } else {
+            all[9].0 + 1
+        };
         let back = driver
-            .read_records(&tp, sent[0].offset, 100)
+            .read_records(&tp, from, 100)
             .await
             .expect("read the batch");
         let ids: Vec<&str> = back.iter().map(|(_, r)| r.id.as_str()).collect();

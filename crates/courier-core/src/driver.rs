@@ -46,6 +46,12 @@ pub struct Capabilities {
     /// a 24-byte index entry per pending delayed message instead of its payload. Only
     /// meaningful with `read_by_position`.
     pub index_by_position: bool,
+    /// A record published with the header [`HEADER_STORE_ONCE`](crate::HEADER_STORE_ONCE)
+    /// is stored at most once per message id within the backend's de-duplication
+    /// window (the header itself is not stored). Courier's scheduler sets it on every
+    /// move there, so a move repeated within that window (after a crash or a
+    /// hand-over between the move and its record) is not stored twice.
+    pub store_once: bool,
 }
 
 impl Default for Capabilities {
@@ -62,6 +68,7 @@ impl Default for Capabilities {
             max_in_flight_publishes: 1,
             read_by_position: false,
             index_by_position: false,
+            store_once: false,
         }
     }
 }
@@ -108,6 +115,13 @@ pub struct SubscribeSpec {
     /// lets a member of a few partitions keep reading full batches (Redis: 1000 per
     /// partition) while the previous half is still being handled.
     pub prefetch: usize,
+    /// A partition taken over while deliveries of it are still unsettled (the last
+    /// owner crashed, or gave them back at the hand-over) is read again in log order
+    /// from its oldest unsettled message, messages settled after it included — what
+    /// log backends (committed prefix) do anyway. Backends that settle each message
+    /// on its own otherwise redeliver only the unsettled ones, late and out of order. Courier's scheduler needs it so its catch-up sees
+    /// moved markers and intents before the entries they settle. Default off.
+    pub replay_after_takeover: bool,
 }
 
 impl SubscribeSpec {
@@ -120,6 +134,7 @@ impl SubscribeSpec {
             session_timeout: Duration::from_secs(10),
             commit_interval: Duration::from_secs(1),
             prefetch: 8192,
+            replay_after_takeover: false,
         }
     }
 }

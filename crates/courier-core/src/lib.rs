@@ -24,5 +24,10 @@ pub use error::{BoxError, Error, Result};
 pub use message::{now_millis, ulid_millis, Headers, Message, Receipt, Record};
 pub use partitioner::{murmur2, partition_for_key};
 
+/// Header asking a backend that declares [`Capabilities::store_once`] to store the
+/// record at most once per message id (within its de-duplication window); such a
+/// driver consumes it, so it is never delivered.
+pub const HEADER_STORE_ONCE: &str = "x-courier-store-once";
+
 /// Header carrying the message id on backends without a native id field.
 pub const HEADER_MESSAGE_ID: &str = "x-message-id";

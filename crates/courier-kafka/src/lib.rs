@@ -91,6 +91,7 @@ impl Driver for KafkaDriver {
             max_in_flight_publishes: MAX_IN_FLIGHT_PUBLISHES,
             read_by_position: true,
             index_by_position: false,
+            store_once: false,
         }
     }
 

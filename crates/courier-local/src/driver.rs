@@ -88,6 +88,7 @@ impl<S: LogStore> Driver for LogDriver<S> {
             max_in_flight_publishes: 1,
             read_by_position: true,
             index_by_position: true,
+            store_once: false,
             ..Capabilities::default()
         }
     }

@@ -33,6 +33,9 @@ pub(crate) struct Outstanding {
     pub epoch: u64,
     pub reply: Subject,
     pub attempt: u32,
+    /// When the server last restarted its `ack_wait` timer for it (delivery or
+    /// progress ack).
+    pub since: Instant,
 }
 
 /// The hold a nack puts on its partition.
@@ -59,12 +62,23 @@ pub(crate) enum Verdict {
     Deliver { epoch: u64, attempt: u32 },
     /// It overtook a nacked message: nak it to come back after this delay.
     Bounce(Duration),
+    /// JetStream sent again a message still held here (its `ack_wait` ran out while
+    /// the handler or the scheduler held it): the holder settles it, so it is not
+    /// handed out a second time.
+    Held,
 }
 
 impl Part {
     /// Decides about sequence `seq` (delivered `delivered` times by the server) and
     /// records it as outstanding when it is handed out.
     pub(crate) fn arrive(&mut self, seq: u64, delivered: i64, reply: Subject) -> Verdict {
+        if let Some(o) = self.outstanding.get_mut(&seq) {
+            if o.epoch == self.epoch {
+                o.reply = reply;
+                o.since = Instant::now();
+                return Verdict::Held;
+            }
+        }
         if let Some(rw) = &mut self.rewind {
             match rw.awaiting.first().copied() {
                 Some(head) if seq == head => {
@@ -94,6 +108,7 @@ impl Part {
                 epoch: self.epoch,
                 reply,
                 attempt,
+                since: Instant::now(),
             },
         );
         Verdict::Deliver {
@@ -145,6 +160,11 @@ impl Book {
         let _ = self.settle.send(s);
     }
 
+    /// Gives the delivery behind `reply` back for immediate redelivery (`-NAK`).
+    pub(crate) fn nak_now(&self, reply: Subject) {
+        self.send(Settle::Reply(reply, nak_payload(Duration::ZERO)));
+    }
+
     /// Starts tracking a newly owned partition.
     pub(crate) fn add(&self, tp: Tp) {
         let epoch = self.new_epoch();
@@ -169,9 +189,27 @@ impl Book {
             return;
         };
         for (_, o) in part.outstanding {
-            self.send(Settle::Reply(o.reply, nak_payload(Duration::ZERO)));
+            self.nak_now(o.reply);
         }
         self.settled.notify_waiters();
+    }
+
+    /// Sends a progress ack (`+WIP`) for every delivery held longer than `older`, so
+    /// JetStream does not send it again while it is held (a long handler, or a
+    /// delayed message waiting in the scheduler). Returns how many it refreshed.
+    pub(crate) fn keep_alive(&self, older: Duration) -> usize {
+        let now = Instant::now();
+        let mut refreshed = 0;
+        for part in self.parts().values_mut() {
+            for o in part.outstanding.values_mut() {
+                if now.duration_since(o.since) >= older {
+                    o.since = now;
+                    refreshed += 1;
+                    self.send(Settle::Reply(o.reply.clone(), Bytes::from_static(WIP)));
+                }
+            }
+        }
+        refreshed
     }
 
     /// Writes every queued settle and waits for the server to confirm.
@@ -270,6 +308,7 @@ pub(crate) async fn settler(client: async_nats::Client, mut rx: mpsc::UnboundedR
 }
 
 const ACK: &[u8] = b"+ACK";
+const WIP: &[u8] = b"+WIP";
 const ACK_SYNC_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The `$JS.ACK.<stream>.<consumer>` part of an ack reply subject.
@@ -321,7 +360,7 @@ mod tests {
                     assert_eq!(attempt, 1);
                     epochs.push(epoch)
                 }
-                Verdict::Bounce(_) => panic!("no hold yet"),
+                Verdict::Bounce(_) | Verdict::Held => panic!("no hold yet"),
             }
         }
         book.ack(tok(10, epochs[0]));
@@ -353,5 +392,43 @@ mod tests {
             Verdict::Deliver { .. }
         ));
         assert!(p.rewind.is_none());
+    }
+
+    #[test]
+    fn a_held_delivery_sent_again_is_not_handed_out_twice() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let book = Book::new(tx);
+        let tp: Tp = (Arc::from("t"), 0);
+        book.add(tp.clone());
+        let epoch = match book.parts().get_mut(&tp).unwrap().arrive(7, 1, "r1".into()) {
+            Verdict::Deliver { epoch, .. } => epoch,
+            _ => panic!("first delivery is handed out"),
+        };
+        // ack_wait ran out while it was held: the server sends it again.
+        assert!(matches!(
+            book.parts().get_mut(&tp).unwrap().arrive(7, 2, "r2".into()),
+            Verdict::Held
+        ));
+        assert_eq!(book.outstanding(&tp), 1);
+        // Nothing is older than an hour: no progress ack.
+        assert_eq!(book.keep_alive(Duration::from_secs(3600)), 0);
+        assert_eq!(book.keep_alive(Duration::ZERO), 1);
+        match rx.try_recv() {
+            Ok(Settle::Reply(subject, p)) => {
+                assert_eq!(subject.as_str(), "r2");
+                assert_eq!(p.as_ref(), WIP);
+            }
+            _ => panic!("a progress ack to the newest reply subject"),
+        }
+        // Settled once, through the newest reply subject.
+        book.ack(tok(7, epoch));
+        match rx.try_recv() {
+            Ok(Settle::Reply(subject, p)) => {
+                assert_eq!(subject.as_str(), "r2");
+                assert_eq!(p.as_ref(), ACK);
+            }
+            _ => panic!("an ack"),
+        }
+        assert_eq!(book.outstanding(&tp), 0);
     }
 }

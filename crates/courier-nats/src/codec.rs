@@ -18,6 +18,9 @@ pub(crate) const TIMESTAMP: &str = "Courier-Ts";
 pub(crate) const KEY: &str = "Courier-Key";
 /// A key in base64.
 pub(crate) const KEY_B64: &str = "Courier-Key-B64";
+/// JetStream's de-duplication id, set from the message id when the record asks to be
+/// stored once ([`courier_core::HEADER_STORE_ONCE`]).
+pub(crate) const MSG_ID: &str = "Nats-Msg-Id";
 /// Headers NATS cannot carry verbatim: base64 of a JSON list of `[name, bytes]`.
 pub(crate) const HEADERS_B64: &str = "Courier-Headers-B64";
 
@@ -56,6 +59,13 @@ pub(crate) fn encode(r: &Record) -> HeaderMap {
     }
     let mut odd: Vec<(&str, &[u8])> = Vec::new();
     for (name, value) in r.headers.iter() {
+        if name == courier_core::HEADER_STORE_ONCE {
+            h.insert(
+                HeaderName::from_static(MSG_ID),
+                HeaderValue::from(r.id.as_str()),
+            );
+            continue;
+        }
         match (plain_name(name), text_value(value)) {
             (true, Some(v)) => match HeaderName::try_from(name) {
                 Ok(n) => h.append(n, HeaderValue::from(v)),
@@ -105,6 +115,8 @@ pub(crate) fn decode(h: Option<&HeaderMap>, seq: u64, fallback_ts: i64) -> Decod
                 stamped = true;
                 out.timestamp = first.as_str().parse().unwrap_or(fallback_ts);
             }
+            // JetStream's de-duplication id: Courier's own id again (store-once moves).
+            MSG_ID => {}
             KEY => out.key = Some(Bytes::copy_from_slice(first.as_str().as_bytes())),
             KEY_B64 => out.key = B64.decode(first.as_str()).ok().map(Bytes::from),
             HEADERS_B64 => {
@@ -169,6 +181,19 @@ mod tests {
         assert_eq!(d.headers.get_str("odd: name"), Some("v"));
         assert_eq!(d.headers.get_str("spaced"), Some(" v "));
         assert_eq!(d.headers.len(), 4);
+    }
+
+    #[test]
+    fn store_once_becomes_the_jetstream_dedup_id_and_is_not_delivered() {
+        let r = Record::from_message(
+            courier_core::Message::new("t", "v").header(courier_core::HEADER_STORE_ONCE, "1"),
+        );
+        let h = encode(&r);
+        assert_eq!(h.get(MSG_ID).map(|v| v.as_str()), Some(r.id.as_str()));
+        assert!(h.get(courier_core::HEADER_STORE_ONCE).is_none());
+        let d = decode(Some(&h), 1, 0);
+        assert_eq!(d.id, r.id);
+        assert!(d.headers.is_empty(), "no header reaches the consumer");
     }
 
     #[test]

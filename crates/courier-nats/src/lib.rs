@@ -140,12 +140,14 @@ impl Driver for NatsDriver {
             native_compression: false,
             dense_offsets: false,
             max_in_flight_publishes: MAX_IN_FLIGHT_PUBLISHES,
-            // `read_records` works, but after a crash JetStream redelivers the dead
-            // member's unacknowledged schedule-log entries only after `ack_wait`,
-            // behind newer records, so the scheduler's catch-up (moved markers and
-            // intents read before the entries) cannot rely on log order here.
-            read_by_position: false,
+            // `read_records` is an ephemeral consumer per read; the scheduler's
+            // catch-up reads in log order because its subscription asks for
+            // `replay_after_takeover` (the consumer restarts at its ack floor).
+            read_by_position: true,
             index_by_position: false,
+            // JetStream drops a publish whose `Nats-Msg-Id` the stream stored within
+            // its duplicate window (2 min unless the stream says otherwise).
+            store_once: true,
         }
     }
 

@@ -44,6 +44,8 @@ const PULL_EXPIRES: Duration = Duration::from_millis(500);
 /// (the server delivers nothing to an expired request; a message still on the wire
 /// would arrive well within it).
 const PULL_GIVE_UP: Duration = Duration::from_millis(500);
+/// How long a given-up pull request is still listened to for late messages.
+const LATE_QUIET: Duration = Duration::from_secs(5);
 /// Events buffered between readers and the consumer runtime.
 const EVENTS: usize = 64;
 
@@ -70,6 +72,7 @@ pub(crate) struct NatsSubscription {
     book: Arc<Book>,
     client: async_nats::Client,
     settler: JoinHandle<()>,
+    keep_alive: JoinHandle<()>,
 }
 
 impl NatsSubscription {
@@ -88,6 +91,7 @@ impl NatsSubscription {
         let (settle_tx, settle_rx) = mpsc::unbounded_channel();
         let settler = tokio::spawn(settler(client.clone(), settle_rx));
         let book = Arc::new(Book::new(settle_tx));
+        let keep_alive = tokio::spawn(keep_alive(Arc::downgrade(&book), settings.ack_wait));
         let (events_tx, events) = mpsc::channel(EVENTS);
         let (stop, stop_rx) = watch::channel(false);
         let assignment = Arc::new(Mutex::new(Vec::new()));
@@ -121,13 +125,31 @@ impl NatsSubscription {
             book,
             client,
             settler,
+            keep_alive,
         })
+    }
+}
+
+/// Refreshes the `ack_wait` timer of held deliveries every third of it, until the
+/// subscription's book is gone.
+async fn keep_alive(book: std::sync::Weak<Book>, ack_wait: Duration) {
+    let every = (ack_wait / 3).max(Duration::from_millis(50));
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(book) = book.upgrade() else { break };
+        let refreshed = book.keep_alive(every);
+        if refreshed > 0 {
+            tracing::trace!(refreshed, "progress acks sent for held deliveries");
+        }
     }
 }
 
 impl Drop for NatsSubscription {
     fn drop(&mut self) {
         let _ = self.stop.send(true);
+        self.keep_alive.abort();
         if self.coordinator.is_none() {
             self.settler.abort();
         }
@@ -391,10 +413,31 @@ impl Coordinator {
             &self.settings,
             self.spec.prefetch,
         );
-        let consumer = stream
-            .get_or_create_consumer(&name, config)
+        let mut consumer = stream
+            .get_or_create_consumer(&name, config.clone())
             .await
             .map_err(|e| Error::backend(BACKEND, e))?;
+        let unsettled = consumer.cached_info().num_ack_pending;
+        if self.spec.replay_after_takeover && unsettled > 0 {
+            // The last owner left deliveries unsettled (a crash, or naks on release):
+            // JetStream would redeliver only those, after `ack_wait`, behind newer
+            // ones. Read the partition again in log order from its ack floor instead.
+            let from = consumer.cached_info().ack_floor.stream_sequence + 1;
+            tracing::info!(group = %self.spec.group, topic, partition = tp.1, from, unsettled,
+                "partition taken over with unsettled deliveries: reading it again from its ack floor");
+            stream
+                .delete_consumer(&name)
+                .await
+                .map_err(|e| Error::backend(BACKEND, e))?;
+            let mut again = config;
+            again.deliver_policy = DeliverPolicy::ByStartSequence {
+                start_sequence: from,
+            };
+            consumer = stream
+                .create_consumer(again)
+                .await
+                .map_err(|e| Error::backend(BACKEND, e))?;
+        }
         self.book.add(tp.clone());
         let (stop, stop_rx) = watch::channel(false);
         let reader = Reader {
@@ -497,6 +540,20 @@ async fn release(
     book.remove(&tp);
 }
 
+/// Naks what a given-up pull request still brings. On a loaded machine the server
+/// can deliver to a request after the reader stopped listening; dropped unread, those
+/// messages would come back only after `ack_wait` (30 s by default) and stall their
+/// partition meanwhile. Naked, they come again with the next pulls.
+async fn give_back_late(mut batch: pull::Batch, book: Arc<Book>) {
+    while let Ok(Some(item)) = tokio::time::timeout(LATE_QUIET, batch.next()).await {
+        let Ok(m) = item else { break };
+        if let Some(reply) = m.message.reply.clone() {
+            tracing::debug!("late message of a given-up pull request; naking it");
+            book.nak_now(reply);
+        }
+    }
+}
+
 struct Reader {
     tp: Tp,
     consumer: async_nats::jetstream::consumer::Consumer<pull::Config>,
@@ -544,6 +601,7 @@ impl Reader {
                             Ok(item) => item,
                             Err(_) => {
                                 tracing::debug!(topic = %self.tp.0, partition = self.tp.1, "pull request unanswered after expiry; pulling again");
+                                tokio::spawn(give_back_late(batch, self.book.clone()));
                                 break;
                             }
                         }
@@ -561,8 +619,7 @@ impl Reader {
                     // The pull request is still open: give its messages back in order
                     // rather than leaving them to the ack-wait timer.
                     if let Some(reply) = m.message.reply.clone() {
-                        self.book
-                            .send(Settle::Reply(reply, nak_payload(Duration::ZERO)));
+                        self.book.nak_now(reply);
                     }
                     continue;
                 }
@@ -615,9 +672,9 @@ impl Reader {
                 self.book.send(Settle::Reply(reply, nak_payload(delay)));
                 return None;
             }
+            Some(Verdict::Held) => return None,
             None => {
-                self.book
-                    .send(Settle::Reply(reply, nak_payload(Duration::ZERO)));
+                self.book.nak_now(reply);
                 return None;
             }
         };

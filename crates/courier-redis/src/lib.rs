@@ -201,6 +201,7 @@ impl Driver for RedisDriver {
             max_in_flight_publishes: 4,
             read_by_position: true,
             index_by_position: true,
+            store_once: false,
         }
     }
 

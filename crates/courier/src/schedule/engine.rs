@@ -27,6 +27,9 @@ const CHECK_TIMEOUT: Duration = Duration::from_secs(10);
 /// Most target records scanned per target partition when recovering an interrupted
 /// move (the interrupted batch landed right after the recorded end offset).
 const VERIFY_SCAN_MAX: usize = 1_000_000;
+/// Longest the member waits at start for its subscription to report an assignment
+/// before it writes its first start markers.
+const FIRST_ASSIGNMENT_WAIT: Duration = Duration::from_secs(1);
 /// Due offsets of one partition this close together are read with one range read
 /// (reading a few unwanted records beats a round trip per record).
 const READ_GAP: u64 = 64;
@@ -56,8 +59,6 @@ struct Lane {
     topic: Arc<str>,
     epoch: u64,
     gen: u32,
-    /// Highest offset indexed in this generation (a lower one means a replay).
-    last: u64,
 }
 
 impl Lane {
@@ -136,6 +137,9 @@ pub(crate) struct Engine {
     /// Each due batch is announced by an intent record, and an interrupted one is
     /// looked up in its targets on recovery (`Capabilities::read_by_position`).
     intents_on: bool,
+    /// Moves ask the backend to store each message once (`Capabilities::store_once`),
+    /// on top of intents where those are on.
+    store_once: bool,
     /// `(due ms, arrival)` → entry; arrival keeps equal due times in log order.
     /// Halves, and delayed messages on backends that cannot read by position.
     index: BTreeMap<(i64, u64), Entry>,
@@ -166,6 +170,16 @@ pub(crate) struct Engine {
     /// Offsets moved by an earlier incarnation, per partition not caught up yet.
     moved: HashMap<u32, HashSet<u64>>,
     last_greet: Instant,
+    /// Who hands out each partition's deliveries now: acker and epoch. Drivers bump
+    /// the epoch when they (re)gain, rewind or re-deliver a partition.
+    owners: HashMap<u32, (Arc<dyn Acker>, u64)>,
+    /// Per partition, when (ms, this member's clock) its current ownership began at
+    /// the latest. A start marker written before it may sit in a part of the log that
+    /// the new owner reads before what another member moved since, so it does not
+    /// count: the member waits for a newer one.
+    owned_since: HashMap<u32, i64>,
+    /// Schedule-log partitions assigned to this member, as of the last batch read.
+    assigned: Arc<parking_lot::Mutex<HashSet<u32>>>,
     partitions: u32,
     ready: watch::Sender<bool>,
 }
@@ -191,6 +205,7 @@ impl Engine {
             opts,
             by_position,
             intents_on,
+            store_once: caps.store_once,
             index: BTreeMap::new(),
             wheel: Wheel::new(now_millis()),
             lanes: HashMap::new(),
@@ -206,6 +221,9 @@ impl Engine {
             parked: HashMap::new(),
             moved: HashMap::new(),
             last_greet: Instant::now(),
+            owners: HashMap::new(),
+            owned_since: HashMap::new(),
+            assigned: Arc::default(),
             partitions,
             ready,
         }
@@ -214,8 +232,36 @@ impl Engine {
     pub(crate) async fn run(mut self, sub: Box<dyn Subscription>, stop: CancellationToken) {
         let (tx, mut rx) = mpsc::unbounded_channel();
         let (close_tx, close_rx) = oneshot::channel();
-        let reader = tokio::spawn(read(sub, tx, close_rx));
+        *self.assigned.lock() = log_partitions(sub.as_ref(), &self.log);
+        let reader = tokio::spawn(read(
+            sub,
+            self.log.clone(),
+            self.assigned.clone(),
+            tx,
+            close_rx,
+        ));
+        // The first markers count only for partitions owned when they are written, so
+        // give the subscription a moment to report its assignment first (some report
+        // it with their first, possibly empty, batch).
+        let mut early = Vec::new();
+        let wait_until = Instant::now() + FIRST_ASSIGNMENT_WAIT;
+        while self.assigned.lock().is_empty() {
+            match tokio::time::timeout_at(wait_until, rx.recv()).await {
+                Ok(Some(batch)) => early.push(batch),
+                _ => break,
+            }
+        }
+        let started = now_millis();
+        for p in self.assigned.lock().iter() {
+            self.owned_since.insert(*p, started);
+        }
         self.greet(None).await;
+        for d in early.into_iter().flatten() {
+            self.ingest(d);
+        }
+        if !self.to_verify.is_empty() {
+            self.verify_intents().await;
+        }
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
             self.sched.pending.store(
@@ -275,6 +321,16 @@ impl Engine {
                     .iter()
                     .filter(|(p, v)| !v.is_empty() && !self.greeted.contains(p))
                     .map(|(p, _)| *p),
+            )
+            // Owned partitions whose start marker did not count (written before the
+            // ownership began), even with nothing parked yet.
+            .chain(
+                self.assigned
+                    .lock()
+                    .iter()
+                    .filter(|p| !self.greeted.contains(p))
+                    .copied()
+                    .collect::<Vec<u32>>(),
             )
             .collect::<std::collections::BTreeSet<u32>>()
             .into_iter()
@@ -439,6 +495,9 @@ impl Engine {
             ack.discard();
             return;
         }
+        let Some(ack) = self.track_owner(d.partition, ack) else {
+            return;
+        };
         if self.by_position {
             if let Some(last) = self.last_seen.insert(d.partition, d.offset) {
                 if d.offset <= last {
@@ -550,7 +609,15 @@ impl Engine {
                     .and_then(|rest| rest.strip_prefix('.'))
                     .and_then(|p| p.parse::<u32>().ok())
                 {
-                    self.caught_up(p);
+                    // Only a marker written while this ownership lasted proves that
+                    // everything before it was read.
+                    if self
+                        .owned_since
+                        .get(&p)
+                        .is_some_and(|since| d.timestamp >= *since)
+                    {
+                        self.caught_up(p);
+                    }
                 } else if let Some(parked) = self.parked.get_mut(&d.partition).and_then(|v| {
                     let i = v
                         .iter()
@@ -592,24 +659,60 @@ impl Engine {
         }
     }
 
-    /// The lane generation for a delivery settled by `acker`/`token`. A new acker, a
-    /// new epoch or an offset not above the last one means the partition was handed
-    /// over, rewound or replayed: its older slots are dropped (everything from the
-    /// restart point is delivered again) and its moved markers are read again before
-    /// its entries are released.
-    fn lane_for(&mut self, p: u32, acker: Arc<dyn Acker>, token: &AckToken) -> u32 {
-        if let Some(l) = self.lanes.get_mut(&p) {
-            if Arc::ptr_eq(&l.acker, &acker) && l.epoch == token.epoch && token.offset > l.last {
-                l.last = token.offset;
-                return l.gen;
+    /// Notes who hands out partition `p` now. A different acker or epoch than before
+    /// means `p` was handed over, rewound or re-delivered: what this member parked or
+    /// learned of it is dropped and it is caught up with again, from a start marker
+    /// written after this point.
+    fn track_owner(&mut self, p: u32, ack: AckHandle) -> Option<AckHandle> {
+        let (acker, token) = ack.into_parts()?;
+        let same = self
+            .owners
+            .get(&p)
+            .is_some_and(|(a, e)| Arc::ptr_eq(a, &acker) && *e == token.epoch);
+        if !same {
+            let first = self
+                .owners
+                .insert(p, (acker.clone(), token.epoch))
+                .is_none();
+            if first {
+                // Owned since the first markers, if it was owned then (see `run`).
+                self.owned_since.entry(p).or_insert_with(now_millis);
+            } else {
+                self.owned_since.insert(p, now_millis());
+                tracing::info!(
+                    partition = p,
+                    offset = token.offset,
+                    "scheduler: schedule-log partition handed over; re-indexing it"
+                );
+                self.forget(p);
             }
-            tracing::info!(
-                partition = p,
-                offset = token.offset,
-                "scheduler: schedule-log partition rewound or handed over; re-indexing it"
-            );
-            self.ungreet(p);
-            self.parked_slots.remove(&p);
+        }
+        Some(AckHandle::new(acker, token))
+    }
+
+    /// Partition `p` changed hands, or is read again from an earlier offset: what was
+    /// parked or indexed from it comes again, so drop it and catch up anew.
+    fn forget(&mut self, p: u32) {
+        self.ungreet(p);
+        self.parked_slots.remove(&p);
+        if let Some(v) = self.parked.remove(&p) {
+            // Delivered again with fresh handles; settling these old ones would nack.
+            v.into_iter().for_each(|(_, e)| e.ack.discard());
+        }
+        self.moved.remove(&p);
+        self.intents.remove(&p);
+        self.to_verify.retain(|q| *q != p);
+        // Its slots die with the lane; the next lane takes a new generation.
+        self.lanes.remove(&p);
+    }
+
+    /// The lane generation for a delivery settled by `acker`/`token`: the current
+    /// lane's, or a new one's. A hand-over or rewind has already dropped the lane
+    /// (`track_owner`, `rewound` via `forget`), so a new lane starts a new generation
+    /// and the slots of the older one are dead.
+    fn lane_for(&mut self, p: u32, acker: Arc<dyn Acker>, token: &AckToken) -> u32 {
+        if let Some(l) = self.lanes.get(&p) {
+            return l.gen;
         }
         let gen = self.gens.entry(p).or_default();
         *gen = gen.wrapping_add(1);
@@ -621,7 +724,6 @@ impl Engine {
                 topic: token.topic.clone(),
                 epoch: token.epoch,
                 gen,
-                last: token.offset,
             },
         );
         gen
@@ -635,18 +737,7 @@ impl Engine {
             offset,
             "scheduler: schedule-log partition read again from an earlier offset; re-indexing it"
         );
-        self.ungreet(p);
-        self.parked_slots.remove(&p);
-        if let Some(v) = self.parked.remove(&p) {
-            // Delivered again with fresh handles; settling these old ones would nack.
-            v.into_iter().for_each(|(_, e)| e.ack.discard());
-        }
-        self.moved.remove(&p);
-        self.intents.remove(&p);
-        if let Some(g) = self.gens.get_mut(&p) {
-            *g = g.wrapping_add(1);
-        }
-        self.lanes.remove(&p);
+        self.forget(p);
         self.last_seen.insert(p, offset);
     }
 
@@ -847,6 +938,13 @@ impl Engine {
             .zip(&records)
             .map(|(s, r)| matches!(s, Settle::Entry(..)).then(|| r.clone()))
             .collect();
+        if self.store_once {
+            // The backend's own de-duplication also covers what intents cannot see
+            // (a partition handed over between a move and its marker).
+            for r in &mut records {
+                r.headers.insert(courier_core::HEADER_STORE_ONCE, "1");
+            }
+        }
         let res = match self.write_intents(&settles, &mut records).await {
             Ok(()) => self.driver.publish(records).await.map(|_| ()),
             Err(e) => Err(e),
@@ -1054,10 +1152,21 @@ fn instant_of(ms: i64) -> Instant {
     Instant::now() + wait
 }
 
+/// The partitions of `log` that `sub` owns now.
+fn log_partitions(sub: &dyn Subscription, log: &str) -> HashSet<u32> {
+    sub.assignment()
+        .into_iter()
+        .filter(|tp| tp.topic == log)
+        .map(|tp| tp.partition)
+        .collect()
+}
+
 /// Pulls deliveries off the subscription until told to close, then closes it (which
 /// commits what the engine acknowledged).
 async fn read(
     mut sub: Box<dyn Subscription>,
+    log: String,
+    assigned: Arc<parking_lot::Mutex<HashSet<u32>>>,
     tx: mpsc::UnboundedSender<Vec<Delivery>>,
     mut close: oneshot::Receiver<()>,
 ) {
@@ -1066,6 +1175,7 @@ async fn read(
             _ = &mut close => break,
             batch = sub.next_batch(1024) => match batch {
                 Ok(Some(b)) => {
+                    *assigned.lock() = log_partitions(sub.as_ref(), &log);
                     if tx.send(b).is_err() {
                         break;
                     }

@@ -193,6 +193,8 @@ impl Scheduler {
         sub_spec.commit_interval = self.commit_interval;
         sub_spec.session_timeout = self.session_timeout;
         sub_spec.prefetch = opts.max_pending.max(1);
+        // The catch-up relies on reading each partition in log order after a crash.
+        sub_spec.replay_after_takeover = true;
         let sub = self.driver.subscribe(sub_spec).await?;
         let (ready_tx, ready) = watch::channel(false);
         let engine = engine::Engine::new(
