@@ -35,8 +35,10 @@ where
 static SWEPT: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// Topics whose name carries a [`unique`] id older than this are leftovers of an
-/// earlier run; younger ones may belong to a run in progress on the same server.
-const STALE_AFTER: Duration = Duration::from_secs(3600);
+/// earlier run; younger ones may belong to a run in progress on the same server. No
+/// test uses its topics for more than a few minutes, and an hour let a day's suites
+/// leave hundreds of queues on the shared RabbitMQ, which slowed every later run.
+const STALE_AFTER: Duration = Duration::from_secs(15 * 60);
 
 /// When the topic `name` was made by [`unique`] (its ULID part, ms since the epoch).
 fn unique_created_ms(name: &str) -> Option<u64> {

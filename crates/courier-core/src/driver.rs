@@ -119,8 +119,9 @@ pub struct SubscribeSpec {
     /// owner crashed, or gave them back at the hand-over) is read again in log order
     /// from its oldest unsettled message, messages settled after it included — what
     /// log backends (committed prefix) do anyway. Backends that settle each message
-    /// on its own otherwise redeliver only the unsettled ones, late and out of order. Courier's scheduler needs it so its catch-up sees
-    /// moved markers and intents before the entries they settle. Default off.
+    /// on its own otherwise redeliver only the unsettled ones, late and out of order.
+    /// Courier's scheduler needs it so its catch-up sees moved markers and intents
+    /// before the entries they settle. Default off.
     pub replay_after_takeover: bool,
 }
 
