@@ -15,6 +15,8 @@
 //! Each line also gives the process's CPU time per message (user + system, all
 //! threads; the broker is another process), which does not depend on how fast the
 //! shared broker happens to be.
+//!
+//! `BENCH_SIDE=courier` (or `bare`) runs one side only, for profiling.
 
 mod common;
 
@@ -154,6 +156,7 @@ async fn main() {
         .unwrap_or(2);
     let url = std::env::var("COURIER_AMQP_URL")
         .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
+    let side = std::env::var("BENCH_SIDE");
     let client = Client::connect(&url).await.expect("connect");
     let conn = Connection::connect(&url, ConnectionProperties::default())
         .await
@@ -177,22 +180,25 @@ async fn main() {
         }
         // CPU µs per message of the whole process (broker excluded): what the client
         // costs, whatever the broker's speed on a shared machine.
-        let (cp, cp_cpu) = with_cpu(n, courier_produce(&client, &ct, n)).await;
-        let (bp, bp_cpu) = with_cpu(n, bare_produce(&conn, &bt, n)).await;
-        let (cc, cc_cpu) = with_cpu(n, courier_consume(&client, &ct, n)).await;
-        let (bc, bc_cpu) = with_cpu(n, bare_consume(&conn, &bt, n)).await;
-        println!(
-            "round {r}: produce courier {} | bare {} | ratio {:.0}% | cpu/msg {cp_cpu:.1} / {bp_cpu:.1} µs",
-            rate(n, cp),
-            rate(n, bp),
-            100.0 * bp.as_secs_f64() / cp.as_secs_f64()
-        );
-        println!(
-            "round {r}: consume courier {} | bare {} | ratio {:.0}% | cpu/msg {cc_cpu:.1} / {bc_cpu:.1} µs",
-            rate(n, cc),
-            rate(n, bc),
-            100.0 * bc.as_secs_f64() / cc.as_secs_f64()
-        );
+        if side.as_deref() == Ok("courier") {
+            let (cp, cp_cpu) = with_cpu(n, courier_produce(&client, &ct, n)).await;
+            let (cc, cc_cpu) = with_cpu(n, courier_consume(&client, &ct, n)).await;
+            println!(
+                "round {r}: courier produce {} cpu/msg {cp_cpu:.1} µs | consume {} cpu/msg {cc_cpu:.1} µs",
+                rate(n, cp),
+                rate(n, cc)
+            );
+        } else if side.as_deref() == Ok("bare") {
+            let (bp, bp_cpu) = with_cpu(n, bare_produce(&conn, &bt, n)).await;
+            let (bc, bc_cpu) = with_cpu(n, bare_consume(&conn, &bt, n)).await;
+            println!(
+                "round {r}: bare produce {} cpu/msg {bp_cpu:.1} µs | consume {} cpu/msg {bc_cpu:.1} µs",
+                rate(n, bp),
+                rate(n, bc)
+            );
+        } else {
+            side_by_side(&client, &conn, [&ct, &bt], n, r).await;
+        }
         for t in [&ct, &bt] {
             client.admin().delete_topic(t).await.expect("delete");
         }
@@ -201,4 +207,24 @@ async fn main() {
         .shutdown(Duration::from_secs(30))
         .await
         .expect("shutdown");
+}
+
+/// Round `r` of both sides, Courier's first, on topics `[courier, bare]`.
+async fn side_by_side(client: &Client, conn: &Connection, [ct, bt]: [&str; 2], n: usize, r: usize) {
+    let (cp, cp_cpu) = with_cpu(n, courier_produce(client, ct, n)).await;
+    let (bp, bp_cpu) = with_cpu(n, bare_produce(conn, bt, n)).await;
+    let (cc, cc_cpu) = with_cpu(n, courier_consume(client, ct, n)).await;
+    let (bc, bc_cpu) = with_cpu(n, bare_consume(conn, bt, n)).await;
+    println!(
+        "round {r}: produce courier {} | bare {} | ratio {:.0}% | cpu/msg {cp_cpu:.1} / {bp_cpu:.1} µs",
+        rate(n, cp),
+        rate(n, bp),
+        100.0 * bp.as_secs_f64() / cp.as_secs_f64()
+    );
+    println!(
+        "round {r}: consume courier {} | bare {} | ratio {:.0}% | cpu/msg {cc_cpu:.1} / {bc_cpu:.1} µs",
+        rate(n, cc),
+        rate(n, bc),
+        100.0 * bc.as_secs_f64() / cc.as_secs_f64()
+    );
 }
