@@ -100,6 +100,12 @@ impl AckHandle {
         self.token = None;
     }
 
+    /// The acker and token, while unsettled (`None` once settled), without taking
+    /// them: who hands out the delivery, for a holder that tracks ownership.
+    pub fn parts(&self) -> Option<(&Arc<dyn Acker>, &AckToken)> {
+        self.token.as_ref().map(|t| (&self.acker, t))
+    }
+
     /// The acker and token, unsettled: lets a holder of very many deliveries of one
     /// partition keep one acker per partition and settle by offset later (Courier's
     /// scheduler index). Whoever takes them must settle or knowingly leave the message

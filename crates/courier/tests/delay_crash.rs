@@ -165,9 +165,10 @@ async fn kafka_acknowledged_delayed_messages_survive_kill_9() {
     assert_eq!(dups, 0, "delivered more than once");
 }
 
-/// The same on the shared NATS server: no positional catch-up there (JetStream
-/// redelivers a killed member's unacknowledged entries late, out of log order), but
-/// moves are stored once per id (`Nats-Msg-Id`), so a repeated move is dropped.
+/// The same on the shared NATS server: JetStream alone would redeliver a killed
+/// member's unacknowledged entries late and out of log order, so the scheduler's
+/// takeover reads the partition again from its ack floor, and moves are stored once
+/// per id (`Nats-Msg-Id`), so a repeated move is dropped.
 #[cfg(feature = "nats")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_acknowledged_delayed_messages_survive_kill_9() {

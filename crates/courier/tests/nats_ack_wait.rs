@@ -7,8 +7,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use courier::{now_millis, Client, Config, Delivery, Error, Message, TopicSpec};
-use tokio::sync::mpsc;
+use courier::{now_millis, Client, Config, Message, TopicSpec};
 
 mod common;
 
@@ -79,21 +78,13 @@ async fn a_handler_slower_than_ack_wait_runs_once() {
     let topic = format!("nats-held-handler-{run}");
     let client = client().await;
     let receipts = topic_with(&client, &topic, 3).await;
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    let consumer = client
-        .consumer(format!("held-handler-{run}"))
-        .from_earliest()
-        .bare()
-        .start([topic.clone()], move |d: Delivery| {
-            let tx = tx.clone();
-            async move {
-                let _ = tx.send(d.id.to_string());
-                tokio::time::sleep(Duration::from_millis(2500)).await;
-                Ok::<(), Error>(())
-            }
-        })
-        .await
-        .expect("consumer");
+    let (consumer, mut rx) = common::slow_id_reporter(
+        &client,
+        format!("held-handler-{run}"),
+        &topic,
+        Duration::from_millis(2500),
+    )
+    .await;
     let mut seen = HashMap::new();
     common::count_until(&mut rx, &mut seen, Instant::now() + Duration::from_secs(14)).await;
     consumer.stop().await.expect("stop");

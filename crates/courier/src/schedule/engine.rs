@@ -495,9 +495,10 @@ impl Engine {
             ack.discard();
             return;
         }
-        let Some(ack) = self.track_owner(d.partition, ack) else {
+        let Some((acker, token)) = ack.parts() else {
             return;
         };
+        self.track_owner(d.partition, acker, token);
         if self.by_position {
             if let Some(last) = self.last_seen.insert(d.partition, d.offset) {
                 if d.offset <= last {
@@ -663,12 +664,11 @@ impl Engine {
     /// means `p` was handed over, rewound or re-delivered: what this member parked or
     /// learned of it is dropped and it is caught up with again, from a start marker
     /// written after this point.
-    fn track_owner(&mut self, p: u32, ack: AckHandle) -> Option<AckHandle> {
-        let (acker, token) = ack.into_parts()?;
+    fn track_owner(&mut self, p: u32, acker: &Arc<dyn Acker>, token: &AckToken) {
         let same = self
             .owners
             .get(&p)
-            .is_some_and(|(a, e)| Arc::ptr_eq(a, &acker) && *e == token.epoch);
+            .is_some_and(|(a, e)| Arc::ptr_eq(a, acker) && *e == token.epoch);
         if !same {
             let first = self
                 .owners
@@ -687,7 +687,6 @@ impl Engine {
                 self.forget(p);
             }
         }
-        Some(AckHandle::new(acker, token))
     }
 
     /// Partition `p` changed hands, or is read again from an earlier offset: what was

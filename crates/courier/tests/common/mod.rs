@@ -16,6 +16,16 @@ pub async fn id_reporter(
     group: String,
     topic: &str,
 ) -> (ConsumerHandle, mpsc::UnboundedReceiver<String>) {
+    slow_id_reporter(client, group, topic, Duration::ZERO).await
+}
+
+/// [`id_reporter`] whose handler takes `hold` per delivery after reporting its id.
+pub async fn slow_id_reporter(
+    client: &Client,
+    group: String,
+    topic: &str,
+    hold: Duration,
+) -> (ConsumerHandle, mpsc::UnboundedReceiver<String>) {
     let (tx, rx) = mpsc::unbounded_channel();
     let consumer = client
         .consumer(group)
@@ -26,6 +36,9 @@ pub async fn id_reporter(
             let tx = tx.clone();
             async move {
                 let _ = tx.send(d.id.to_string());
+                if !hold.is_zero() {
+                    tokio::time::sleep(hold).await;
+                }
                 Ok::<(), Error>(())
             }
         })
